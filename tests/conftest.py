@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py: shared tiny-model builders
+
+from tiny import ARCHS, hf_model  # noqa: E402
+
+
+@pytest.fixture(params=ARCHS)
+def arch_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch_name):
+    """(transformers model, TorchRuntime) on the same tiny random weights."""
+    from sparsedge import arch
+    from sparsedge.runtimes.torch_ref import TorchRuntime
+
+    m = hf_model(arch_name)
+    spec = arch.spec_from_hf(m.config)
+    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
+    sd = m.state_dict()
+    w = {c: sd[h] for c, h in names.items() if h in sd}
+    return m, TorchRuntime(spec, w)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The built-in default model (pulled into the user cache on first use)."""
+    from sparsedge import load
+
+    return load("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_runtime(real_model):
+    from sparsedge import open_runtime
+
+    return open_runtime(real_model, "torch")
