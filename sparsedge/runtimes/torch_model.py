@@ -21,11 +21,12 @@ from ..errors import SparsedgeError
 # Where a sparsity recipe can act, per layer. Each is the input of one or more linear layers,
 # except gate_act, the activated gate (|SiLU(gate(x))| for CATS / CHESS), which masks up and down.
 #   qkv_in  [k, hidden]         input of q_proj, k_proj, v_proj
+#   q_in    [k, hidden]         input of q_proj alone (CHESS leaves k_proj / v_proj dense)
 #   o_in    [k, heads*head_dim] input of o_proj
 #   ffn_in  [k, hidden]         input of gate_proj, up_proj
 #   gate_act[k, ffn]            act(gate(x)), before the product with up(x)
 #   down_in [k, ffn]            input of down_proj
-SITES = ("qkv_in", "o_in", "ffn_in", "gate_act", "down_in")
+SITES = ("qkv_in", "q_in", "o_in", "ffn_in", "gate_act", "down_in")
 
 # A hook takes (layer index, activation) and returns the activation to use (same shape).
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -138,7 +139,7 @@ class Decoder(torch.nn.Module):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], s.rms_eps, s.norm_offset)
             h = self._hook("qkv_in", i, h)
-            q = (h @ w[p + "q"].T).view(k, nh, hd)
+            q = (self._hook("q_in", i, h) @ w[p + "q"].T).view(k, nh, hd)
             kk = (h @ w[p + "k"].T).view(k, nkv, hd)
             v = (h @ w[p + "v"].T).view(k, nkv, hd)
             if s.qk_norm:
