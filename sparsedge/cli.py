@@ -21,10 +21,7 @@ MODEL_HELP = (
 )
 # Commands of DESIGN.md that later work brings; until then they say so and fail, never fake output.
 NOT_YET = {
-    "calibrate": "calibrate activation-sparsity thresholds into a recipe",
-    "export": "write an artifact folder (GGUF / ONNX) for a model",
     "bench": "measure end-side speedups",
-    "inspect": "show what is inside an artifact folder and re-verify its hashes",
     "targets": "list device profiles and what runs on this host",
 }
 
@@ -57,7 +54,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .text import encode_prompt, stop_ids, stream_text
 
     loaded = load(a.model)
-    runtime = open_runtime(loaded, a.runtime, threads=a.threads)
+    runtime = open_runtime(loaded, a.runtime, **_runtime_opts(a))
     tok = loaded.tokenizer
     ids = encode_prompt(tok, a.prompt, chat=a.chat)
     stop = stop_ids(tok, loaded.spec)
@@ -84,6 +81,46 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from . import sparsify
+    from .data import CORPUS_NAME, PplProtocol, read_text_file
+    from .runtimes import open_runtime
+    from .sources import load
+
+    sparsify.get_method(a.method)
+    sparsify.check_sparsity(a.sparsity)
+    loaded = load(a.model)
+    rt = open_runtime(loaded, "torch", threads=a.threads)
+    text = read_text_file(a.calib_file) if a.calib_file else None
+    cfg = sparsify.CalibConfig(tokens=a.calib_tokens)
+    stats = sparsify.calibration_stats(rt, loaded.tokenizer, text, cfg,
+                                       corpus=f"file:{a.calib_file}" if a.calib_file else None)
+    recipe = sparsify.recipe_from_stats(a.method, a.sparsity, stats, rt, a.scope)
+    if a.chunk_size:
+        sparsify.add_chunking(recipe, stats, a.chunk_size, cluster=not a.no_cluster,
+                              routing_window=a.route_window, routing_keep=a.route_keep)
+    elif a.route_window or a.route_keep:
+        raise SparsedgeError("chunk routing needs --chunk-size")
+    if not a.no_eval:
+        r = sparsify.evaluate(rt, loaded.tokenizer, recipe, PplProtocol(max_tokens=a.eval_tokens))
+        recipe.results = r.to_dict()
+    path = recipe.save(a.output)
+    out = {"recipe": str(path), "method": recipe.method, "target_sparsity": recipe.target_sparsity,
+           "sites": list(recipe.sites), "calibration_tokens": stats.tokens,
+           "calibration_s": round(stats.seconds, 2), "corpus": stats.corpus, **recipe.results}
+    if a.json:
+        _emit(out)
+    else:
+        print(f"wrote {path}: {recipe.method} at {recipe.target_sparsity:.0%} on {', '.join(recipe.sites)}; "
+              f"calibrated on {stats.tokens} tokens of {stats.corpus or CORPUS_NAME} in {stats.seconds:.1f}s")
+        if recipe.results:
+            r = recipe.results
+            print(f"held-out: ppl {r['ppl_dense']:.3f} -> {r['ppl']:.3f}, achieved sparsity "
+                  f"{r['achieved_sparsity']:.3f}, top-1 agreement {r['top1_agreement']:.3f}, "
+                  f"CLS k=1 {r['cls']['1']:.4f} k=8 {r['cls']['8']:.4f}")
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from .data import PplProtocol, perplexity, read_text_file
     from .runtimes import open_runtime
@@ -92,7 +129,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     loaded = load(a.model)
     proto = PplProtocol(window=a.window, max_tokens=a.max_tokens)
     text = read_text_file(a.text_file) if a.text_file else None
-    runtime = open_runtime(loaded, a.runtime, threads=a.threads)
+    if a.recipe:
+        return _eval_recipe(a, loaded, proto, text)
+    runtime = open_runtime(loaded, a.runtime, **_runtime_opts(a))
     r = perplexity(runtime, text=text, tokenizer=loaded.tokenizer, protocol=proto,
                    corpus=f"file:{a.text_file}" if a.text_file else None)
     out = {"ppl": round(r.ppl, 4), "eval_tokens": r.eval_tokens, "corpus": r.corpus,
@@ -104,6 +143,95 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print(f"perplexity {r.ppl:.4f} over {r.eval_tokens} tokens of {r.corpus} "
               f"(window {proto.window}, first {proto.max_tokens} tokens, runtime {runtime.name})")
     return 0
+
+
+def _eval_recipe(a, loaded, proto, text) -> int:
+    from . import sparsify
+    from .runtimes import open_runtime
+
+    recipe = sparsify.SparsityRecipe.load(a.recipe).validate(loaded.spec)
+    if a.runtime != "torch":
+        raise SparsedgeError(f"recipes run on the torch runtime in this version, not {a.runtime!r}")
+    rt = open_runtime(loaded, "torch", threads=a.threads)
+    r = sparsify.evaluate(rt, loaded.tokenizer, recipe, proto, text).to_dict()
+    out = {"ppl_dense": r["ppl_dense"], "ppl": r["ppl"], "achieved_sparsity": r["achieved_sparsity"],
+           "top1_agreement": r["top1_agreement"], "cls": r["cls"], **r, "model": a.model,
+           "recipe": a.recipe, "method": recipe.method, "target_sparsity": recipe.target_sparsity}
+    if a.json:
+        _emit(out)
+    else:
+        print(f"{recipe.method} at {recipe.target_sparsity:.0%}: ppl {r['ppl_dense']:.4f} dense -> "
+              f"{r['ppl']:.4f} sparse; achieved sparsity {r['achieved_sparsity']:.4f}; top-1 agreement "
+              f"{r['top1_agreement']:.4f}; CLS (chunk {r['chunk_size']}) "
+              + ", ".join(f"k={k}: {v:.4f}" for k, v in r["cls"].items()))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.artifact import ExportConfig, export
+    from .sources import load
+
+    if a.recipe and a.sparsify:
+        raise SparsedgeError("give --recipe or --sparsify, not both")
+    cfg = ExportConfig(formats=_csv(a.formats), gguf_quants=_csv(a.gguf_quant),
+                       onnx_quants=_csv(a.onnx_quant), force=a.force)
+    recipe = None
+    loaded = load(a.model)
+    if a.recipe:
+        from .sparsify import SparsityRecipe
+
+        recipe = SparsityRecipe.load(a.recipe).validate(loaded.spec)
+    elif a.sparsify:
+        from . import sparsify
+
+        method, _, level = a.sparsify.partition(":")
+        try:
+            level = float(level)
+        except ValueError:
+            raise SparsedgeError(f"--sparsify takes METHOD:SPARSITY, e.g. teal:0.5 (got {a.sparsify!r})")
+        recipe = sparsify.calibrate(loaded, method, level, scope=a.scope)
+    m = export(loaded, a.output, cfg, recipe)
+    if a.json:
+        _emit({"artifact": a.output, **m})
+    else:
+        print(f"wrote {a.output} in {m['export_s']:.1f}s:")
+        for name, meta in m["files"].items():
+            print(f"  {name:40s} {meta['size'] / 1e6:9.1f} MB")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .export.artifact import inspect
+
+    info = inspect(a.artifact)
+    if a.json:
+        _emit(info)
+    else:
+        spec = info["spec"]
+        print(f"{a.artifact}: sparsedge {info['sparsedge_version']} artifact of {info['source']['model']} "
+              f"({spec['arch']}, {spec['n_layers']} layers, hidden {spec['hidden_size']})")
+        r = info.get("recipe")
+        print(f"  recipe: {r['method']} at {r['target_sparsity']:.0%} on {', '.join(r['sites'])}" if r else "  recipe: none (dense)")
+        print(f"  target: {info.get('target') or 'none'}")
+        for name, meta in info["files"].items():
+            q = info["quality"].get(name, {})
+            err = f"  rel RMS err {q['rms_rel_mean']:.4f}" if "rms_rel_mean" in q else ""
+            print(f"  {name:40s} {meta['size'] / 1e6:9.1f} MB{err}")
+        print("  hashes: all verified" if info["verified"] else "  PROBLEMS: " + "; ".join(info["problems"]))
+    if not info["verified"]:
+        raise SparsedgeError(f"{a.artifact} failed verification: {'; '.join(info['problems'])}")
+    return 0
+
+
+def _runtime_opts(a: argparse.Namespace) -> dict:
+    opts = {"threads": a.threads}
+    if a.quant:
+        opts["quant"] = a.quant
+    return opts
+
+
+def _csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip().lower() for x in s.split(",") if x.strip())
 
 
 def _not_yet(name: str):
@@ -133,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
-        sp.add_argument("--runtime", default="torch", help="runtime to use (default: torch)")
+        sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp or onnxruntime; "
+                        "llamacpp and onnxruntime run artifact folders (default: torch)")
+        sp.add_argument("--quant", help="which file of an artifact to run (e.g. q4_0, f32, int4, fp32); "
+                        "default: the fastest for the runtime")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -155,7 +286,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-file", help="evaluate on this UTF-8 text file instead")
     s.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     s.add_argument("--max-tokens", type=int, default=8192, help="tokens evaluated (default 8192)")
+    s.add_argument("--recipe", help="a recipe.json: report dense vs sparse perplexity, achieved "
+                   "sparsity, top-1 agreement and chunk-level sparsity")
     s.set_defaults(func=cmd_eval)
+
+    from .sparsify.methods import SCOPES, names as method_names
+
+    s = sub.add_parser("calibrate", help="calibrate activation-sparsity thresholds into a recipe",
+                       description="Calibrate per-layer thresholds of a sparsity method on real text "
+                       "(default: the calibration span of the bundled pydoc corpus), optionally group "
+                       "FFN neurons into co-activated chunks, measure the result on held-out text, and "
+                       "write recipe.json.")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("--method", required=True, choices=method_names(), help="sparsity method")
+    s.add_argument("--sparsity", type=float, required=True, help="target sparsity, strictly in (0, 1)")
+    s.add_argument("--scope", default="all", help=f"sites to sparsify: {', '.join(SCOPES)} (ffn = the "
+                   "FFN neuron activations only) or a comma list of the method's sites (default: all)")
+    s.add_argument("--chunk-size", type=int, help="group FFN neurons into chunks of N (e.g. 32)")
+    s.add_argument("--no-cluster", action="store_true", help="keep the original neuron order in chunks")
+    s.add_argument("--route-window", type=int, help="chunk routing: tokens per window")
+    s.add_argument("--route-keep", type=float, help="chunk routing: fraction of chunks kept per window")
+    s.add_argument("--calib-file", help="calibrate on this UTF-8 text file instead")
+    s.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    s.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens measured (default 8192)")
+    s.add_argument("--no-eval", action="store_true", help="skip the held-out measurement")
+    s.add_argument("-o", "--output", required=True, help="where to write recipe.json")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("export", help="write an artifact folder (GGUF / ONNX) for a model",
+                       description="Export a model, dense or with a sparsity recipe, to an artifact "
+                       "folder: GGUF files for llama.cpp, ONNX decoders for ONNX Runtime, the tokenizer, "
+                       "and manifest.json with sizes, hashes and quantization errors. Written atomically.")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    s.add_argument("--recipe", help="a recipe.json from 'sparsedge calibrate'")
+    s.add_argument("--sparsify", metavar="METHOD:S", help="calibrate a recipe on the fly, e.g. teal:0.5")
+    s.add_argument("--scope", default="all", help="sites for --sparsify (see calibrate --help)")
+    s.add_argument("--formats", default="gguf,onnx", help="comma list of gguf, onnx (default both)")
+    s.add_argument("--gguf-quant", default="q4_0", help="comma list of f32, f16, q8_0, q4_0, q4_k_m")
+    s.add_argument("--onnx-quant", default="int4", help="comma list of fp32, int4, int8, qdq")
+    s.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    s.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("inspect", help="show an artifact folder and re-verify its hashes",
+                       description="Print what an artifact folder holds and re-verify every file's "
+                       "size and sha256 against its manifest (non-zero exit on a mismatch).")
+    s.add_argument("artifact", help="artifact folder")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_inspect)
 
     for name, what in NOT_YET.items():
         s = sub.add_parser(name, help=f"{what} (not yet available)", description=what)

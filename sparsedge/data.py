@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -94,6 +94,8 @@ class PplResult:
     corpus: str
     corpus_hash: str
     protocol: dict
+    # argmax of the logits at every scored position [eval_tokens] (for top-1 agreement)
+    argmax: np.ndarray | None = field(default=None, repr=False)
 
 
 def windows(ids: np.ndarray, proto: PplProtocol) -> list[np.ndarray]:
@@ -145,6 +147,7 @@ def perplexity(
     ids = tokenize(tokenizer, text)
     bos = adds_bos(tokenizer)
     nll_sum, count = 0.0, 0
+    argmax: list[np.ndarray] = []
     for w in tqdm(windows(ids, proto), desc="perplexity", unit="win", disable=not progress):
         inputs = np.concatenate([[bos], w]) if bos is not None else w
         # logits at position j predict inputs[j + 1]
@@ -155,10 +158,11 @@ def perplexity(
             tgt = targets[pos : pos + k]
             nll = _log_softmax_nll(logits[: len(tgt)], tgt)
             nll_sum += float(nll.sum())
+            argmax.append(logits[: len(tgt)].argmax(axis=1))
             count += len(tgt)
             pos += k
     runtime.reset()
     return PplResult(
         ppl=math.exp(nll_sum / count), eval_tokens=count, corpus=corpus or "user-text",
-        corpus_hash=text_hash(text), protocol=asdict(proto),
+        corpus_hash=text_hash(text), protocol=asdict(proto), argmax=np.concatenate(argmax),
     )
