@@ -83,15 +83,21 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from . import sparsify
+    from .sparsify.methods import scope_sites
     from .data import CORPUS_NAME, PplProtocol, read_text_file
     from .runtimes import open_runtime
     from .sources import load
 
-    sparsify.get_method(a.method)
+    # everything that can be checked before the weights load is checked first
+    method = sparsify.get_method(a.method)
     sparsify.check_sparsity(a.sparsity)
-    loaded = load(a.model)
-    rt = open_runtime(loaded, "torch", threads=a.threads)
+    scope_sites(method, a.scope)
     text = read_text_file(a.calib_file) if a.calib_file else None
+    loaded = load(a.model)
+    ffn = loaded.spec.intermediate_size
+    if a.chunk_size is not None and (a.chunk_size <= 0 or ffn % a.chunk_size):
+        raise SparsedgeError(f"chunk size {a.chunk_size} does not divide the FFN width {ffn}")
+    rt = open_runtime(loaded, "torch", threads=a.threads)
     cfg = sparsify.CalibConfig(tokens=a.calib_tokens)
     stats = sparsify.calibration_stats(rt, loaded.tokenizer, text, cfg,
                                        corpus=f"file:{a.calib_file}" if a.calib_file else None)

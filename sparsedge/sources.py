@@ -285,13 +285,19 @@ class LoadedModel:
     spec: ModelSpec
     tokenizer: Any
     hf_config: Any = field(repr=False, default=None)
+    manifest: dict | None = field(repr=False, default=None)  # artifact folders only
 
     def state_dict(self):
         """Canonical-name torch fp32 weights (sparsedge.arch names)."""
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-        hf = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32)
+        hf_logging.disable_progress_bar()  # a bar per load is noise; ours cover the long work
+        path = self.path
+        if self.manifest is not None:  # an artifact: dequantize its most precise GGUF
+            path = resolve(str(artifact_file(self.path, self.manifest, "gguf")), progress=False)[1]
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         sd = hf.state_dict()
         names = arch_registry.layer_names(arch_registry.get(self.spec.arch), self.spec.n_layers)
         out = {}
@@ -349,10 +355,42 @@ def resolve(model: str, progress: bool = True) -> tuple[str, Path]:
     raise SparsedgeError(f"unknown model {model!r} (built-in: {', '.join(BUILTINS)}; or a folder, a .gguf, a hub id)")
 
 
+# most precise first: the torch runtime dequantizes the first one present
+GGUF_PREFERENCE = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+# fastest on CPU first
+ONNX_PREFERENCE = ("int4", "int8", "fp32", "qdq")
+
+
+def artifact_file(folder: Path, manifest: dict, fmt: str, quant: str | None = None) -> Path:
+    """The file of an artifact to run for a format ("gguf" | "onnx"), by preference or by quant."""
+    if fmt == "gguf":
+        have, pref = manifest.get("gguf_quants", []), GGUF_PREFERENCE
+        name = lambda q: f"model.{q}.gguf"  # noqa: E731
+    else:
+        have, pref = manifest.get("onnx_quants", []), ONNX_PREFERENCE
+        name = lambda q: "onnx/model.onnx" if q == "fp32" else f"onnx/model.{q}.onnx"  # noqa: E731
+    if quant is not None:
+        if quant not in have:
+            raise SparsedgeError(f"artifact has no {fmt} {quant} (it has: {', '.join(have) or 'none'})")
+        return Path(folder) / name(quant)
+    for q in pref:
+        if q in have:
+            return Path(folder) / name(q)
+    raise SparsedgeError(f"artifact {folder} has no {fmt} file (formats exported: gguf {have})")
+
+
 def load(model: str = DEFAULT_MODEL, progress: bool = True) -> LoadedModel:
-    """Resolve a model argument and read its config and tokenizer (weights load on demand)."""
+    """Resolve a model argument and read its config and tokenizer (weights load on demand).
+    An artifact folder (with manifest.json) loads its spec, tokenizer and manifest."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .export.artifact import is_artifact, read_manifest
+
+    if is_artifact(model):
+        m = read_manifest(model)
+        folder = Path(model).expanduser()
+        return LoadedModel(name=model, kind="artifact", path=folder, spec=ModelSpec.from_dict(m["spec"]),
+                           tokenizer=AutoTokenizer.from_pretrained(str(folder)), manifest=m)
     kind, path = resolve(model, progress)
     try:
         config = AutoConfig.from_pretrained(str(path))

@@ -12,16 +12,64 @@ from ..errors import SparsedgeError
 from .base import Runtime, tree_depths, tree_mask
 
 
-def _open_torch(model: Any, **opts: Any) -> Runtime:
+def _loaded(model: Any):
     from ..sources import LoadedModel, load
+
+    return model if isinstance(model, LoadedModel) else load(model)
+
+
+def _artifact_recipe(loaded):
+    from pathlib import Path
+
+    from ..sparsify.recipe import SparsityRecipe
+
+    p = Path(loaded.path) / "recipe.json"
+    return SparsityRecipe.load(p) if p.is_file() else None
+
+
+def _open_torch(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
     from .torch_ref import TorchRuntime
 
-    loaded = model if isinstance(model, LoadedModel) else load(model)
-    return TorchRuntime.from_loaded(loaded, **opts)
+    loaded = _loaded(model)
+    rt = TorchRuntime.from_loaded(loaded, **opts)
+    if loaded.manifest is not None:
+        recipe = _artifact_recipe(loaded)
+        if recipe is not None:  # the artifact's weights are in the recipe's neuron order already
+            from ..sparsify.apply import apply
+
+            apply(rt, recipe, weights_permuted=True)
+    return rt
+
+
+def _need_artifact(loaded, runtime: str):
+    if loaded.manifest is None:
+        raise SparsedgeError(
+            f"the {runtime} runtime runs artifact folders; make one with 'sparsedge export {loaded.name} -o OUT'"
+        )
+
+
+def _open_llamacpp(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
+    from ..sources import artifact_file
+    from .llamacpp import LlamaCppRuntime
+
+    loaded = _loaded(model)
+    _need_artifact(loaded, "llamacpp")
+    return LlamaCppRuntime(artifact_file(loaded.path, loaded.manifest, "gguf", quant), **opts)
+
+
+def _open_onnxruntime(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
+    from ..sources import artifact_file
+    from .onnxrt import OnnxRuntime
+
+    loaded = _loaded(model)
+    _need_artifact(loaded, "onnxruntime")
+    return OnnxRuntime(artifact_file(loaded.path, loaded.manifest, "onnx", quant), loaded.spec, **opts)
 
 
 RUNTIMES: dict[str, Callable[..., Runtime]] = {
     "torch": _open_torch,
+    "llamacpp": _open_llamacpp,
+    "onnxruntime": _open_onnxruntime,
 }
 
 

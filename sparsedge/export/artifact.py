@@ -1,0 +1,193 @@
+"""The artifact folder (DESIGN.md §2): everything a device needs, with a manifest that says what
+is inside and lets ``inspect`` re-verify it.
+
+    OUT/manifest.json      sparsedge version, source, model spec, recipe summary, quant types,
+                           files with size + sha256, quantization errors, target profile
+    OUT/recipe.json        when the export carries a sparsity recipe
+    OUT/model.<q>.gguf     one GGUF per requested quant type (recipe under `sparsedge.recipe`)
+    OUT/onnx/model.<k>.onnx  fp32 and/or quantized ONNX decoders with KV cache
+    OUT/tokenizer.json, tokenizer_config.json, ...   the tokenizer (and chat template)
+
+``export`` builds all of it in a temporary folder beside OUT and renames it at the end: an export
+that fails or is interrupted leaves nothing at OUT (nor an old artifact half-replaced).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SparsedgeError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+FORMATS = ("gguf", "onnx")
+
+
+@dataclass
+class ExportConfig:
+    formats: tuple[str, ...] = ("gguf",)
+    gguf_quants: tuple[str, ...] = ("q4_0",)
+    onnx_quants: tuple[str, ...] = ("int4",)  # "fp32" keeps the unquantized graph
+    force: bool = False
+    target: str | None = None  # device profile name, recorded in the manifest
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise SparsedgeError(f"unknown format {', '.join(bad) or '(none)'} (known: {', '.join(FORMATS)})")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+
+
+def _check_quants(cfg: ExportConfig) -> None:
+    """Fail on an unknown quant type before any work is done."""
+    if "gguf" in cfg.formats:
+        from ..quantize.gguf import check_quant
+
+        for q in cfg.gguf_quants:
+            check_quant(q)
+    if "onnx" in cfg.formats:
+        from ..quantize.onnx import check_kind
+
+        for k in cfg.onnx_quants:
+            if k != "fp32":
+                check_kind(k)
+
+
+def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bool = True) -> dict:
+    """Write the artifact folder for a LoadedModel (and an optional SparsityRecipe) at ``out``."""
+    from .. import __version__
+
+    out = Path(out).expanduser()
+    if out.exists() and not cfg.force:
+        raise SparsedgeError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise SparsedgeError(f"{out} exists and is not an artifact folder; refusing to replace it")
+    _check_quants(cfg)
+    spec = loaded.spec
+    if recipe is not None:
+        recipe.validate(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    t0 = time.perf_counter()
+    try:
+        weights = loaded.state_dict()
+        if recipe is not None and recipe.chunks is not None and recipe.chunks.permutation:
+            from ..sparsify.chunks import permute_ffn
+
+            weights = dict(weights)  # permute_ffn replaces entries: the loaded tensors stay as they are
+            for layer, perm in enumerate(recipe.chunks.permutation):
+                permute_ffn(weights, layer, perm)
+        reports: dict[str, Any] = {}
+        if recipe is not None:
+            recipe.save(tmp / "recipe.json")
+        loaded.tokenizer.save_pretrained(tmp)
+        if "gguf" in cfg.formats:
+            from .gguf import write_gguf
+
+            for q in cfg.gguf_quants:
+                rep = write_gguf(loaded, tmp / f"model.{q}.gguf", quant=q, weights=weights,
+                                 recipe=recipe, progress=progress)
+                reports[f"model.{q}.gguf"] = rep
+        if "onnx" in cfg.formats:
+            from ..quantize.onnx import quantize_onnx
+            from .onnx import export_onnx
+
+            onnx_dir = tmp / "onnx"
+            fp32 = export_onnx(spec, weights, onnx_dir, recipe=recipe, progress=progress)
+            for k in cfg.onnx_quants:
+                if k == "fp32":
+                    continue
+                dst = onnx_dir / f"model.{k}.onnx"
+                reports[f"onnx/{dst.name}"] = quantize_onnx(fp32, dst, k)
+            if "fp32" not in cfg.onnx_quants:
+                for p in onnx_dir.glob(fp32.name + "*"):  # the graph and its external data
+                    p.unlink()
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "sparsedge_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"model": loaded.name, "kind": loaded.kind},
+            "spec": spec.to_dict(),
+            "recipe": None if recipe is None else {
+                "method": recipe.method, "target_sparsity": recipe.target_sparsity,
+                "sites": list(recipe.sites), "chunk_size": recipe.chunks.size if recipe.chunks else None,
+                "results": recipe.results,
+            },
+            "gguf_quants": list(cfg.gguf_quants) if "gguf" in cfg.formats else [],
+            "onnx_quants": list(cfg.onnx_quants) if "onnx" in cfg.formats else [],
+            "target": cfg.target,
+            "quality": reports,
+            "export_s": round(time.perf_counter() - t0, 2),
+            "files": _file_table(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        tmp.chmod(0o755)
+        if out.exists():  # --force: the old artifact goes only once the new one is complete
+            old = out.with_name(f".tmp-old-{out.name}-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return manifest
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise SparsedgeError(f"no space left on the device while writing {out}; nothing was written") from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    p = Path(folder).expanduser() / MANIFEST
+    if not p.is_file():
+        raise SparsedgeError(f"{folder} is not an artifact folder (no {MANIFEST})")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SparsedgeError(f"{p} is corrupt: {e}") from e
+    if m.get("format") != MANIFEST_FORMAT:
+        raise SparsedgeError(f"artifact format {m.get('format')!r} is not supported")
+    return m
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def inspect(folder: str | Path) -> dict:
+    """The manifest plus a re-verification of every file's size and sha256."""
+    root = Path(folder).expanduser()
+    m = read_manifest(root)
+    problems = []
+    for name, meta in m["files"].items():
+        p = root / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+            problems.append(f"{name}: hash mismatch")
+    return {**m, "verified": not problems, "problems": problems}
