@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", default="all", help="sites for --sparsify (see calibrate --help)")
     s.add_argument("--formats", default="gguf,onnx", help="comma list of gguf, onnx (default both)")
     s.add_argument("--gguf-quant", default="q4_0", help="comma list of f32, f16, q8_0, q4_0, q4_k_m")
-    s.add_argument("--onnx-quant", default="int4", help="comma list of fp32, int4, int8, qdq")
+    s.add_argument("--onnx-quant", default="int4", help="comma list of fp32, int4, int8w (8-bit weight-only), int8, qdq")
     s.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     s.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     s.set_defaults(func=cmd_export)

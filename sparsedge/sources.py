@@ -358,7 +358,7 @@ def resolve(model: str, progress: bool = True) -> tuple[str, Path]:
 # most precise first: the torch runtime dequantizes the first one present
 GGUF_PREFERENCE = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 # fastest on CPU first
-ONNX_PREFERENCE = ("int4", "int8", "fp32", "qdq")
+ONNX_PREFERENCE = ("int4", "int8w", "int8", "fp32", "qdq")
 
 
 def artifact_file(folder: Path, manifest: dict, fmt: str, quant: str | None = None) -> Path:

@@ -117,7 +117,9 @@ def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bo
             from .onnx import export_onnx
 
             onnx_dir = tmp / "onnx"
-            fp32 = export_onnx(spec, weights, onnx_dir, recipe=recipe, progress=progress)
+            # the weights above are in the recipe's neuron order already
+            fp32 = export_onnx(spec, weights, onnx_dir, recipe=recipe, progress=progress,
+                               weights_permuted=True)
             for k in cfg.onnx_quants:
                 if k == "fp32":
                     continue

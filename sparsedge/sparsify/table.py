@@ -34,7 +34,10 @@ CHUNK = 32
 ROUTING = (("teal", "ffn", 0.25, 1, 0.5), ("teal", "ffn", 0.25, 8, 0.5))
 
 
-def run(model: str, calib_tokens: int, eval_tokens: int, progress: bool = True) -> dict:
+def run(model: str, calib_tokens: int, eval_tokens: int, progress: bool = True,
+        partial: Path | None = None) -> dict:
+    """All rows; with ``partial``, rows already measured there (same settings) are reused and each
+    new row is appended as soon as it is measured, so a long run can be resumed."""
     loaded = load(model)
     rt = open_runtime(loaded, "torch")
     t0 = time.perf_counter()
@@ -50,20 +53,39 @@ def run(model: str, calib_tokens: int, eval_tokens: int, progress: bool = True) 
                 continue
             seen.append(sites)
             configs += [(m, scope, lvl) for lvl in LEVELS]
-    rows = []
-    for m, scope, lvl in tqdm(configs, desc="recipes", disable=not progress):
+    settings = {"model": model, "calib": calib_tokens, "eval": eval_tokens, "hash": dense.corpus_hash}
+    done: dict[str, dict] = {}
+    if partial is not None and partial.is_file():
+        for line in partial.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.pop("settings") == settings:
+                done[rec.pop("key")] = rec
+
+    def measured(key: str, make) -> dict:
+        if key not in done:
+            r, extra = make()
+            done[key] = {**extra, **evaluate(rt, loaded.tokenizer, r, proto, dense=dense, progress=False).to_dict()}
+            if partial is not None:
+                with open(partial, "a") as f:
+                    f.write(json.dumps({"settings": settings, "key": key, **done[key]}) + "\n")
+        return done[key]
+
+    def threshold_row(m, scope, lvl):
         r = recipe_from_stats(m, lvl, stats, rt, scope)
         add_chunking(r, stats, CHUNK, cluster=True)
-        e = evaluate(rt, loaded.tokenizer, r, proto, dense=dense, progress=False).to_dict()
-        rows.append({"method": m, "scope": scope, "sites": list(r.sites), "target": lvl, **e})
-    routing = []
-    for m, scope, lvl, window, keep in ROUTING:
-        for cluster in (False, True):
-            r = recipe_from_stats(m, lvl, stats, rt, scope)
-            add_chunking(r, stats, CHUNK, cluster=cluster, routing_window=window, routing_keep=keep)
-            e = evaluate(rt, loaded.tokenizer, r, proto, dense=dense, progress=False).to_dict()
-            routing.append({"method": m, "scope": scope, "target": lvl, "window": window, "keep": keep,
-                            "clustered": cluster, **e})
+        return r, {"method": m, "scope": scope, "sites": list(r.sites), "target": lvl}
+
+    def routing_row(m, scope, lvl, window, keep, cluster):
+        r = recipe_from_stats(m, lvl, stats, rt, scope)
+        add_chunking(r, stats, CHUNK, cluster=cluster, routing_window=window, routing_keep=keep)
+        return r, {"method": m, "scope": scope, "target": lvl, "window": window, "keep": keep,
+                   "clustered": cluster}
+
+    rows = [measured(f"{m}/{scope}/{lvl}", lambda: threshold_row(m, scope, lvl))
+            for m, scope, lvl in tqdm(configs, desc="recipes", disable=not progress)]
+    routing = [measured(f"route/{m}/{scope}/{lvl}/{w}/{keep}/{c}",
+                        lambda: routing_row(m, scope, lvl, w, keep, c))
+               for m, scope, lvl, w, keep in ROUTING for c in (False, True)]
     return {"model": model, "calibration_tokens": stats.tokens, "calibration_s": round(stats.seconds, 1),
             "eval_tokens": dense.eval_tokens, "ppl_dense": dense.ppl, "corpus_hash": dense.corpus_hash,
             "chunk_size": CHUNK, "rows": rows, "routing": routing,
@@ -106,11 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--out", help="write the markdown table here (and the JSON beside it)")
     a = p.parse_args(argv)
-    res = run(a.model, a.calib_tokens, a.eval_tokens)
-    md = markdown(res)
-    if a.out:
-        out = Path(a.out)
+    out = Path(a.out) if a.out else None
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+    res = run(a.model, a.calib_tokens, a.eval_tokens,
+              partial=out.with_suffix(".partial.jsonl") if out is not None else None)
+    md = markdown(res)
+    if out is not None:
         out.write_text(md)
         out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     sys.stdout.write(md)
