@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
-        sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp or onnxruntime; "
-                        "llamacpp and onnxruntime run artifact folders (default: torch)")
+        sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp, onnxruntime or native "
+                        "(sparse C kernels); all but torch run artifact folders (default: torch)")
         sp.add_argument("--quant", help="which file of an artifact to run (e.g. q4_0, f32, int4, fp32); "
                         "default: the fastest for the runtime")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")

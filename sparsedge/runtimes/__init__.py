@@ -66,10 +66,17 @@ def _open_onnxruntime(model: Any, quant: str | None = None, **opts: Any) -> Runt
     return OnnxRuntime(artifact_file(loaded.path, loaded.manifest, "onnx", quant), loaded.spec, **opts)
 
 
+def _open_native(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
+    from .native import open_native
+
+    return open_native(model, quant, **opts)
+
+
 RUNTIMES: dict[str, Callable[..., Runtime]] = {
     "torch": _open_torch,
     "llamacpp": _open_llamacpp,
     "onnxruntime": _open_onnxruntime,
+    "native": _open_native,
 }
 
 

@@ -1,0 +1,361 @@
+"""GGUF -> the native engine's weights: validate every tensor in Python, then lay weights out once.
+
+    NativeModel.load(path, recipe=None) -> NativeModel (spec, recipe, ctypes Model, memory report)
+
+Supported tensor types: F32, F16 (widened to F32 at load), Q8_0, Q4_0. Quantized blocks are split
+into a contiguous array of quants and a float32 array of scales (C reads them as two streams).
+A weight whose input is thresholded by the recipe (or the down projection behind a thresholded
+gate) is re-laid out input-channel-major (``COL``) so that the kernels skip inactive channels; the
+re-layout keeps the original quants and scales (lossless). Anything malformed — an unknown
+architecture, a missing tensor, a wrong shape or type, a truncated file — raises SparsedgeError
+before C sees a pointer.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import json
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...arch import ModelSpec
+from ...errors import SparsedgeError
+from . import _lib
+from ._lib import COL, ROW, SITES
+
+RECIPE_KEY = "sparsedge.recipe"
+QK = 32
+
+# canonical per-layer name -> GGUF tensor name (llama.cpp's names), as data
+LAYER_TENSORS = {
+    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+    "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
+    "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+    "post_attn_norm": "post_attention_norm", "post_ffn_norm": "post_ffw_norm",
+}
+# the norm in front of the FFN: FFN_NORM (Llama) and FFN_PRE_NORM (Gemma 3) are both "ffn_norm"
+FFN_NORM = "ffn_norm"
+
+# which recipe sites make a weight's input sparse (the weight then runs channel-major)
+COL_SITES = {
+    "q": ("qkv_in", "q_in"), "k": ("qkv_in",), "v": ("qkv_in",), "o": ("o_in",),
+    "gate": ("ffn_in",), "up": ("ffn_in",), "down": ("down_in", "gate_act"),
+}
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # gguf-py raises assorted errors on a bad field
+        raise SparsedgeError(f"GGUF metadata {key!r} is malformed: {e}") from e
+
+
+def _need(reader, key: str, kind=int) -> Any:
+    v = _field(reader, key)
+    if v is None:
+        raise SparsedgeError(f"GGUF lacks metadata {key!r}")
+    try:
+        v = kind(v)
+    except (TypeError, ValueError) as e:
+        raise SparsedgeError(f"GGUF metadata {key!r} = {v!r} is not a {kind.__name__}") from e
+    if kind is int and v <= 0:
+        raise SparsedgeError(f"GGUF metadata {key!r} = {v} must be positive")
+    return v
+
+
+def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
+    """The ModelSpec of a llama / gemma3 GGUF and the extras C needs (rope layout)."""
+    a = _field(reader, "general.architecture")
+    if a not in ("llama", "gemma3"):
+        raise SparsedgeError(f"the native runtime runs llama and gemma3 GGUFs, not {a!r}")
+    H = _need(reader, f"{a}.embedding_length")
+    n_heads = _need(reader, f"{a}.attention.head_count")
+    n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_heads))
+    head_dim = int(_field(reader, f"{a}.attention.key_length", H // n_heads))
+    emb = _tensor_map(reader).get("token_embd.weight")
+    if emb is None or len(emb.shape) != 2:
+        raise SparsedgeError("GGUF lacks a 2-D token_embd.weight")
+    vocab = int(emb.shape[1])
+    theta = float(_field(reader, f"{a}.rope.freq_base", 10000.0))
+    factor = 1.0
+    if _field(reader, f"{a}.rope.scaling.type") not in (None, "none"):
+        if _field(reader, f"{a}.rope.scaling.type") != "linear":
+            raise SparsedgeError(f"RoPE scaling {_field(reader, f'{a}.rope.scaling.type')!r} is not supported")
+        factor = float(_field(reader, f"{a}.rope.scaling.factor", 1.0))
+    n_layers = _need(reader, f"{a}.block_count")
+    common = dict(
+        vocab_size=vocab, hidden_size=H, intermediate_size=_need(reader, f"{a}.feed_forward_length"),
+        n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+        rms_eps=_need(reader, f"{a}.attention.layer_norm_rms_epsilon", float), rope_theta=theta,
+        rope_linear_factor=factor, tie_embeddings="output.weight" not in _tensor_map(reader),
+    )
+    if n_kv <= 0 or head_dim <= 0 or head_dim % 2:
+        raise SparsedgeError(f"GGUF has {n_kv} KV heads of dimension {head_dim}")
+    if a == "llama":
+        rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise SparsedgeError(f"partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
+        spec = ModelSpec(arch="llama", act="silu", **common)
+        return spec, {"rope_neox": 0}
+    window = _field(reader, "gemma3.attention.sliding_window")
+    pattern = _field(reader, "gemma3.attention.sliding_window_pattern")
+    if pattern is None:  # llama.cpp's default for Gemma 3: five local layers, then a global one
+        pattern = [(i + 1) % 6 != 0 for i in range(n_layers)]
+    if len(pattern) != n_layers:
+        raise SparsedgeError(f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
+    spec = ModelSpec(
+        arch="gemma3", act="gelu_tanh", **common,
+        rope_theta_local=float(_field(reader, "gemma3.rope.freq_base_swa", 10000.0)),
+        sliding_window=int(window) if window else None,
+        layer_types=["sliding" if p and window else "full" for p in pattern],
+        norm_offset=0.0,  # the file stores 1 + w
+        embed_scale=float(H) ** 0.5, qk_norm=True, sandwich_norm=True,
+    )
+    return spec, {"rope_neox": 1}
+
+
+def _tensor_map(reader) -> dict[str, Any]:
+    m = getattr(reader, "_sparsedge_tensors", None)
+    if m is None:
+        m = {t.name: t for t in reader.tensors}
+        reader._sparsedge_tensors = m
+    return m
+
+
+@dataclass
+class Weight:
+    """One linear weight in the engine's layout; the arrays stay alive as long as this object."""
+
+    type: str  # F32 | Q8_0 | Q4_0
+    layout: int
+    rows: int
+    cols: int
+    q: np.ndarray
+    d: np.ndarray | None = None
+
+    def mat(self) -> _lib.Mat:
+        return _lib.Mat(_lib.TYPES[self.type], self.layout, self.rows, self.cols, self.q.ctypes.data,
+                        None if self.d is None else self.d.ctypes.data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + (0 if self.d is None else self.d.nbytes)
+
+
+def weight_from_raw(gtype: str, data: np.ndarray, rows: int, cols: int) -> Weight:
+    """A ROW weight from a GGUF tensor's data (numpy view of the file) of type ``gtype``."""
+    if gtype == "F32":
+        return Weight("F32", ROW, rows, cols, np.ascontiguousarray(data.reshape(rows, cols), dtype=np.float32))
+    if gtype == "F16":
+        return Weight("F32", ROW, rows, cols, data.reshape(rows, cols).astype(np.float32))
+    nb = cols // QK
+    if gtype == "Q8_0":  # block: f16 scale, 32 int8
+        blocks = data.reshape(rows, nb, 34)
+        d = blocks[:, :, :2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+        q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+        return Weight("Q8_0", ROW, rows, cols, q, d)
+    if gtype == "Q4_0":  # block: f16 scale, 16 bytes of nibbles (value j low, value j+16 high)
+        blocks = data.reshape(rows, nb, 18)
+        d = blocks[:, :, :2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+        q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, cols // 2)
+        return Weight("Q4_0", ROW, rows, cols, q, d)
+    raise AssertionError(gtype)
+
+
+def _unpack_q4(q: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """[rows, cols/2] nibbles (per block of 32: low = j, high = j+16) -> uint8 [rows, cols] values 0..15."""
+    b = q.reshape(rows, cols // QK, 16)
+    return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(rows, cols)
+
+
+def _pack_q4(v: np.ndarray) -> np.ndarray:
+    """Inverse of _unpack_q4 along the last axis (values 0..15)."""
+    r, n = v.shape
+    b = v.reshape(r, n // QK, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).astype(np.uint8).reshape(r, n // 2)
+
+
+def to_col(w: Weight) -> Weight:
+    """Input-channel-major copy of a ROW weight: column c contiguous; scales stay in their blocks
+    along the input axis, stored [cols/32, rows]. Lossless."""
+    r, c = w.rows, w.cols
+    if w.type == "F32":
+        return Weight("F32", COL, r, c, np.ascontiguousarray(w.q.T))
+    d = np.ascontiguousarray(w.d.T)  # [nb, rows]
+    if w.type == "Q8_0":
+        return Weight("Q8_0", COL, r, c, np.ascontiguousarray(w.q.T), d)
+    vals = _unpack_q4(w.q, r, c).T  # [cols, rows], 0..15
+    if r % QK:  # nibble groups run along rows in 32s; otherwise keep q - 8 as int8 (same scales)
+        return Weight("Q8_0", COL, r, c, np.ascontiguousarray(vals.astype(np.int16) - 8).astype(np.int8), d)
+    return Weight("Q4_0", COL, r, c, _pack_q4(np.ascontiguousarray(vals)), d)
+
+
+@dataclass
+class NativeModel:
+    path: Path
+    spec: ModelSpec
+    recipe: Any  # SparsityRecipe | None
+    weights: dict[str, Weight]
+    norms: dict[str, np.ndarray]
+    thresholds: dict[tuple[int, str], np.ndarray]
+    c_model: _lib.Model
+    c_layers: Any
+    types: dict[str, int] = field(default_factory=dict)  # GGUF tensor type -> count
+    reader: Any = None  # keeps the memory map alive for zero-copy F32 weights
+
+    @property
+    def memory(self) -> dict[str, int]:
+        """Bytes of weights the engine holds: copied into its layout vs mapped from the file."""
+        copied = mapped = 0
+        for a in [x for w in self.weights.values() for x in (w.q, w.d) if x is not None] + list(self.norms.values()):
+            if _is_mapped(a):
+                mapped += a.nbytes
+            else:
+                copied += a.nbytes
+        th = sum(a.nbytes for a in self.thresholds.values())
+        return {"weights_copied": copied, "weights_mapped": mapped, "thresholds": th, "total": copied + mapped + th}
+
+    @classmethod
+    def load(cls, path: str | Path, recipe: Any = None) -> "NativeModel":
+        """recipe: None = the file's own (``sparsedge.recipe``), False = dense, or a SparsityRecipe / path."""
+        from gguf import GGUFReader
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SparsedgeError(f"no such GGUF file: {path}")
+        try:
+            reader = GGUFReader(str(path), "r")
+        except Exception as e:  # gguf-py raises ValueError, struct errors, IndexError ... on bad files
+            raise SparsedgeError(f"{path.name} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+        spec, extra = spec_from_gguf(reader)
+        rec = _resolve_recipe(reader, recipe, spec)
+        tmap = _tensor_map(reader)
+        types: dict[str, int] = {}
+
+        def raw(name: str, shape: tuple[int, ...], allowed=("F32", "F16", "Q8_0", "Q4_0")):
+            t = tmap.get(name)
+            if t is None:
+                raise SparsedgeError(f"GGUF lacks tensor {name!r}")
+            gtype = t.tensor_type.name
+            if gtype not in allowed:
+                raise SparsedgeError(
+                    f"tensor {name!r} has type {gtype}; the native runtime reads {', '.join(allowed)}"
+                )
+            ne = tuple(int(x) for x in t.shape)
+            want = tuple(reversed(shape))  # GGUF lists ne0 (the contiguous axis) first
+            if ne != want:
+                raise SparsedgeError(f"tensor {name!r} has shape {list(reversed(ne))}, expected {list(shape)}")
+            if gtype in ("Q8_0", "Q4_0") and shape[-1] % QK:
+                raise SparsedgeError(f"tensor {name!r}: {shape[-1]} columns are not whole blocks of {QK}")
+            bsize = {"F32": 4 * QK, "F16": 2 * QK, "Q8_0": 34, "Q4_0": 18}[gtype]
+            want_bytes = int(np.prod(shape)) // QK * bsize if gtype in ("Q8_0", "Q4_0") else int(np.prod(shape)) * bsize // QK
+            if t.data.nbytes != want_bytes:
+                raise SparsedgeError(f"tensor {name!r} holds {t.data.nbytes} bytes, expected {want_bytes} (truncated file?)")
+            types[gtype] = types.get(gtype, 0) + 1
+            return gtype, t.data
+
+        def vec(name: str, n: int) -> np.ndarray:
+            gtype, data = raw(name, (n,), ("F32", "F16"))
+            a = np.ascontiguousarray(data, dtype=np.float32).reshape(n)
+            if not np.isfinite(a).all():
+                raise SparsedgeError(f"tensor {name!r} holds NaN or inf")
+            return a
+
+        H, F, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
+        QD, KD = spec.n_heads * hd, spec.n_kv_heads * hd
+        shapes = {"q": (QD, H), "k": (KD, H), "v": (KD, H), "o": (H, QD), "gate": (F, H), "up": (F, H), "down": (H, F)}
+        col_sites = set(rec.sites) if rec is not None else set()
+        weights: dict[str, Weight] = {}
+        norms: dict[str, np.ndarray] = {}
+        weights["embed"] = weight_from_raw(*raw("token_embd.weight", (spec.vocab_size, H)), spec.vocab_size, H)
+        if not spec.tie_embeddings:
+            weights["lm_head"] = weight_from_raw(*raw("output.weight", (spec.vocab_size, H)), spec.vocab_size, H)
+        norms["norm"] = vec("output_norm.weight", H)
+        for i in range(spec.n_layers):
+            for canon, shape in shapes.items():
+                w = weight_from_raw(*raw(f"blk.{i}.{LAYER_TENSORS[canon]}.weight", shape), *shape)
+                if col_sites & set(COL_SITES[canon]):
+                    w = to_col(w)
+                weights[f"layers.{i}.{canon}"] = w
+            norms[f"layers.{i}.attn_norm"] = vec(f"blk.{i}.attn_norm.weight", H)
+            norms[f"layers.{i}.ffn_norm"] = vec(f"blk.{i}.{FFN_NORM}.weight", H)
+            if spec.qk_norm:
+                norms[f"layers.{i}.q_norm"] = vec(f"blk.{i}.attn_q_norm.weight", hd)
+                norms[f"layers.{i}.k_norm"] = vec(f"blk.{i}.attn_k_norm.weight", hd)
+            if spec.sandwich_norm:
+                norms[f"layers.{i}.post_attn_norm"] = vec(f"blk.{i}.post_attention_norm.weight", H)
+                norms[f"layers.{i}.post_ffn_norm"] = vec(f"blk.{i}.post_ffw_norm.weight", H)
+
+        thresholds: dict[tuple[int, str], np.ndarray] = {}
+        if rec is not None:
+            for site, st in rec.sites.items():
+                for i, t in enumerate(st.thresholds):
+                    a = np.atleast_1d(np.asarray(t, dtype=np.float32))
+                    if not np.isfinite(a).all():
+                        raise SparsedgeError(f"recipe site {site} layer {i} holds a non-finite threshold")
+                    thresholds[(i, site)] = a
+
+        layers = (_lib.Layer * spec.n_layers)()
+        for i in range(spec.n_layers):
+            L = layers[i]
+            for canon in shapes:
+                setattr(L, canon, weights[f"layers.{i}.{canon}"].mat())
+            for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+                a = norms.get(f"layers.{i}.{n}")
+                setattr(L, n, None if a is None else a.ctypes.data)
+            for s, site in enumerate(SITES):
+                a = thresholds.get((i, site))
+                L.th[s] = None if a is None else a.ctypes.data
+                L.th_n[s] = 0 if a is None else a.size
+            L.theta = spec.theta(i)
+            L.window = spec.window(i) or 0
+        m = _lib.Model()
+        m.n_layers, m.hidden, m.ffn, m.n_heads, m.n_kv, m.head_dim, m.vocab = (
+            spec.n_layers, H, F, spec.n_heads, spec.n_kv_heads, hd, spec.vocab_size)
+        m.act = {"silu": 0, "gelu_tanh": 1}[spec.act]
+        m.rope_neox, m.qk_norm, m.sandwich = extra["rope_neox"], int(spec.qk_norm), int(spec.sandwich_norm)
+        m.eps, m.scale, m.embed_scale = spec.rms_eps, spec.scale, spec.embed_scale
+        m.rope_factor, m.softcap = spec.rope_linear_factor, spec.final_logit_softcap or 0.0
+        m.embed = weights["embed"].mat()
+        m.lm_head = weights.get("lm_head", weights["embed"]).mat()
+        m.out_norm = norms["norm"].ctypes.data
+        m.layers = C.cast(layers, C.POINTER(_lib.Layer))
+        return cls(path, spec, rec, weights, norms, thresholds, m, layers, types, reader)
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is a view of the file's memory map (zero-copy) rather than our own copy."""
+    b = a
+    while isinstance(b, np.ndarray):  # (a copy of a memmap slice is still np.memmap, but owns its data)
+        b = b.base
+    return isinstance(b, mmap.mmap)
+
+
+def _resolve_recipe(reader, recipe: Any, spec: ModelSpec):
+    from ...sparsify.recipe import SparsityRecipe
+
+    if recipe is False:
+        return None
+    if recipe is None:
+        text = _field(reader, RECIPE_KEY)
+        if text is None:
+            return None
+        try:
+            recipe = SparsityRecipe.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SparsedgeError(f"GGUF metadata {RECIPE_KEY} is not JSON: {e}") from e
+    elif isinstance(recipe, (str, Path)):
+        recipe = SparsityRecipe.load(recipe)
+    if not isinstance(recipe, SparsityRecipe):
+        raise SparsedgeError(f"recipe must be a SparsityRecipe, a path, None or False, not {type(recipe).__name__}")
+    recipe.validate(spec)
+    if recipe.chunks is not None and recipe.chunks.routing_window:
+        raise SparsedgeError("chunk routing recipes are not supported by the native runtime (thresholds only)")
+    return recipe

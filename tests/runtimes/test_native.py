@@ -1,0 +1,529 @@
+"""The native C runtime against numpy (every kernel, SIMD and forced-scalar paths) and against the
+torch reference (whole steps, tree masks, keep, recipes) on tiny random Llama GGUFs written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from sparsedge import arch  # noqa: E402
+from sparsedge.errors import SparsedgeError  # noqa: E402
+from sparsedge.runtimes.base import tree_depths, tree_mask  # noqa: E402
+
+native = pytest.importorskip("sparsedge.runtimes.native")
+try:
+    native.level()
+except SparsedgeError as e:  # the C library is not built
+    pytest.skip(str(e), allow_module_level=True)
+
+from sparsedge.runtimes.native import NativeRuntime, _lib  # noqa: E402
+from sparsedge.runtimes.native.loader import to_col, weight_from_raw  # noqa: E402
+
+from tiny import hf_model  # noqa: E402
+
+QT = gguf.GGMLQuantizationType
+LEVELS = ["simd", "scalar"]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    """Run a test on the SIMD path (the best this CPU has) and on the forced scalar path."""
+    got = native.set_level(0 if request.param == "scalar" else None)
+    if request.param == "simd" and got == "scalar":
+        pytest.skip("this CPU has no SIMD path")
+    yield got
+    native.set_level(None)
+
+
+# ----------------------------------------------------------------------------- tiny GGUFs
+
+GGUF_NAMES = {
+    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+    "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
+}
+
+
+def rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF q/k rows -> llama.cpp's interleaved rotary pairs (what llama.cpp's converter does)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def tiny_llama(seed: int = 0):
+    m = hf_model("llama", seed)
+    spec = arch.spec_from_hf(m.config)
+    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
+    sd = m.state_dict()
+    return spec, {c: sd[h].float() for c, h in names.items() if h in sd}
+
+
+def write_gguf(path, spec, w, qtype="F32", recipe=None) -> dict:
+    """A llama GGUF of canonical weights ``w``; returns the dequantized weights in torch's layout
+    (what the file really holds), for a torch reference on the same numbers."""
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_block_count(spec.n_layers)
+    wr.add_context_length(512)
+    wr.add_embedding_length(spec.hidden_size)
+    wr.add_feed_forward_length(spec.intermediate_size)
+    wr.add_head_count(spec.n_heads)
+    wr.add_head_count_kv(spec.n_kv_heads)
+    wr.add_layer_norm_rms_eps(spec.rms_eps)
+    wr.add_rope_freq_base(spec.rope_theta)
+    if recipe is not None:
+        wr.add_string("sparsedge.recipe", json.dumps(recipe.to_dict()))
+    held = {}
+    for c, t in w.items():
+        if c == "lm_head" and spec.tie_embeddings:
+            continue
+        a = t.numpy().astype(np.float32)
+        heads = spec.n_heads if c.endswith(".q") else spec.n_kv_heads if c.endswith(".k") else 0
+        if heads:
+            a = rope_permute(a, heads)
+        name = {"embed": "token_embd", "norm": "output_norm", "lm_head": "output"}.get(c)
+        name = name or f"blk.{c.split('.')[1]}.{GGUF_NAMES[c.split('.')[2]]}"
+        if a.ndim == 2 and qtype != "F32":
+            data = gguf.quants.quantize(a, QT[qtype])
+            wr.add_tensor(name + ".weight", data, raw_dtype=QT[qtype])
+            deq = gguf.quants.dequantize(data, QT[qtype]).reshape(a.shape)
+        else:
+            wr.add_tensor(name + ".weight", a)
+            deq = a
+        if heads:  # back to HF layout for the torch reference
+            rows, cols = deq.shape
+            deq = deq.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+        held[c] = torch.from_numpy(np.ascontiguousarray(deq))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    if spec.tie_embeddings:
+        held["lm_head"] = held["embed"]
+    return held
+
+
+def torch_rt(spec, w):
+    from sparsedge.runtimes.torch_ref import TorchRuntime
+
+    return TorchRuntime(spec, w)
+
+
+@pytest.fixture(scope="module")
+def llama_f32(tmp_path_factory):
+    spec, w = tiny_llama()
+    p = tmp_path_factory.mktemp("native") / "tiny-f32.gguf"
+    held = write_gguf(p, spec, w)
+    return p, spec, held
+
+
+# ----------------------------------------------------------------------------- kernels vs numpy
+
+
+def _c(a):
+    return a.ctypes.data
+
+
+def _quant_q8_ref(x):
+    b = x.reshape(-1, 32)
+    amax = np.abs(b).max(axis=1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(b * inv[:, None]).astype(np.int8)
+    return q.reshape(x.shape), d, (d * q.astype(np.int32).sum(1)).astype(np.float32)
+
+
+def test_quant_q8_matches_numpy(level):
+    rng = np.random.default_rng(1)
+    for n in (32, 96, 576):
+        x = (rng.standard_normal(n) * rng.uniform(0.01, 10)).astype(np.float32)
+        x[: n // 8] = 0  # an all-zero block quantizes to zeros with scale 0
+        q, d, s = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
+        _lib.lib().se_quant_q8(_c(x), n, _c(q), _c(d), _c(s))
+        rq, rd, rs = _quant_q8_ref(x)
+        np.testing.assert_array_equal(q, rq)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_allclose(s, rs, rtol=1e-6)
+
+
+def _weight(rng, rows, cols, gtype):
+    a = rng.standard_normal((rows, cols)).astype(np.float32)
+    if gtype == "F32":
+        return weight_from_raw("F32", a, rows, cols), a
+    data = gguf.quants.quantize(a, QT[gtype])
+    return weight_from_raw(gtype, data, rows, cols), gguf.quants.dequantize(data, QT[gtype]).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("gtype", ["F32", "Q8_0", "Q4_0"])
+def test_row_matmul_matches_numpy(level, gtype):
+    import ctypes
+
+    rng = np.random.default_rng(2)
+    for rows, cols, k in ((32, 64, 1), (70, 96, 3), (128, 576, 8), (5, 32, 16)):
+        w, dense = _weight(rng, rows, cols, gtype)
+        x = rng.standard_normal((k, cols)).astype(np.float32)
+        y = np.empty((k, rows), np.float32)
+        mask = rng.random((k, rows)) < 0.5
+        for rowmask in (None, mask):
+            m = w.mat()
+            rm8 = None if rowmask is None else np.ascontiguousarray(rowmask, np.uint8)  # alive during the call
+            rm = None if rm8 is None else _c(rm8)
+            assert _lib.lib().se_matmul(ctypes.byref(m), k, _c(x), _c(y), rm, 2) == 0
+            if gtype == "F32":
+                ref = x @ dense.T
+                tol = 1e-5 * np.sqrt(cols)
+            else:  # activations are quantized per block of 32 (int8), as in llama.cpp's q8 dots
+                xq = np.stack([_quant_q8_ref(r)[0].astype(np.float32).reshape(-1, 32) * _quant_q8_ref(r)[1][:, None]
+                               for r in x]).reshape(k, cols)
+                ref = xq @ dense.T
+                tol = 1e-4 * np.abs(dense).max() * np.sqrt(cols)
+            if rowmask is not None:
+                ref = np.where(rowmask, ref, 0)
+            np.testing.assert_allclose(y, ref, atol=tol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gtype", ["F32", "Q8_0", "Q4_0"])
+def test_col_matmul_skips_zero_inputs_exactly(level, gtype):
+    """Channel-major weights: every zero input channel skipped; equal to the dense product."""
+    import ctypes
+
+    rng = np.random.default_rng(3)
+    for rows, cols, k in ((32, 64, 1), (96, 64, 4), (48, 96, 2), (576, 1536, 3)):
+        w, dense = _weight(rng, rows, cols, gtype)
+        wc = to_col(w)
+        if gtype == "Q4_0":
+            assert wc.type == ("Q4_0" if rows % 32 == 0 else "Q8_0")
+        x = rng.standard_normal((k, cols)).astype(np.float32)
+        x[rng.random((k, cols)) < 0.6] = 0  # each token its own active set
+        x[0, :32] = 0  # a whole inactive block
+        y = np.empty((k, rows), np.float32)
+        m = wc.mat()
+        assert _lib.lib().se_matmul(ctypes.byref(m), k, _c(x), _c(y), None, 2) == 0
+        ref = x.astype(np.float64) @ dense.T.astype(np.float64)
+        np.testing.assert_allclose(y, ref, atol=2e-5 * np.abs(dense).max() * np.sqrt(cols), rtol=1e-5)
+
+
+def test_col_layout_is_lossless():
+    rng = np.random.default_rng(4)
+    for gtype in ("F32", "Q8_0", "Q4_0"):
+        w, dense = _weight(rng, 64, 96, gtype)
+        c = to_col(w)
+        assert c.layout == _lib.COL and c.q.shape[0] == 96
+
+
+def test_small_ops_match_numpy(level):
+    lib = _lib.lib()
+    rng = np.random.default_rng(5)
+    k, n = 3, 96
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    y = np.empty_like(x)
+    lib.se_rmsnorm(_c(y), _c(x), _c(w), k, n, 1e-5)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+    nh, hd = 3, 16
+    pos = np.array([0, 5, 77], np.int32)
+    base = rng.standard_normal((k, nh, hd)).astype(np.float32)
+    inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
+    ang = (pos[:, None] / 2.0) * inv[None]  # linear factor 2
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    for neox in (0, 1):
+        v = base.copy()
+        lib.se_rope(_c(v), k, nh, hd, _c(pos), 10000.0, 2.0, neox)
+        if neox:
+            a, b = base[..., : hd // 2], base[..., hd // 2:]
+            ref = np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+        else:
+            a, b = base[..., 0::2], base[..., 1::2]
+            ref = np.stack([a * cos - b * sin, b * cos + a * sin], -1).reshape(base.shape)
+        np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-5)
+
+    z = (rng.standard_normal(200) * 4).astype(np.float32)
+    for act, fn in ((0, lambda t: t / (1 + np.exp(-t))),
+                    (1, lambda t: 0.5 * t * (1 + np.tanh(np.sqrt(2 / np.pi) * (t + 0.044715 * t**3))))):
+        v = z.copy()
+        lib.se_act(_c(v), v.size, act)
+        np.testing.assert_allclose(v, fn(z.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_env_var_forces_scalar():
+    code = "from sparsedge.runtimes import native; print(native.level())"
+    env = dict(os.environ, SPARSEDGE_NATIVE_SCALAR="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+
+
+# ----------------------------------------------------------------------------- whole steps vs torch
+
+
+def test_f32_plain_steps_match_torch(llama_f32, level):
+    p, spec, held = llama_f32
+    ref, rt = torch_rt(spec, held), NativeRuntime(p, threads=2)
+    assert rt.name == "native" and rt.vocab_size == spec.vocab_size
+    prompt = [5, 17, 99, 3, 200, 41, 7]
+    np.testing.assert_allclose(rt.forward(prompt), ref.forward(prompt), atol=1e-3)
+    for t in (11, 250, 0):  # one token at a time
+        np.testing.assert_allclose(rt.forward([t]), ref.forward([t]), atol=1e-3)
+    assert rt.n_past == ref.n_past == len(prompt) + 3
+
+
+def _tree():
+    parents = [-1, 0, 0, 1, 1, 2, 3, 5]  # 8 nodes
+    return parents, tree_mask(parents), tree_depths(parents)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_f32_tree_step_matches_torch_and_sequential(llama_f32, threads):
+    p, spec, held = llama_f32
+    parents, mask, depth = _tree()
+    toks = [9, 33, 71, 120, 4, 18, 230, 66]
+    prompt = [1, 50, 60, 70]
+    ref, rt = torch_rt(spec, held), NativeRuntime(p, threads=threads)
+    ref.forward(prompt), rt.forward(prompt)
+    pos = rt.n_past + depth
+    got = rt.forward(toks, pos, mask)
+    np.testing.assert_allclose(got, ref.forward(toks, pos, mask), atol=1e-3)
+    # every node equals the sequential run of its root-to-node path
+    seq = NativeRuntime(p, threads=threads)
+    for i in range(len(toks)):
+        path = []
+        j = i
+        while j >= 0:
+            path.append(j)
+            j = parents[j]
+        path = path[::-1]
+        seq.reset()
+        seq.forward(prompt)
+        out = seq.forward([toks[j] for j in path])
+        np.testing.assert_allclose(got[i], out[-1], atol=1e-4)
+
+
+def test_keep_then_continue_equals_fresh_run(llama_f32):
+    p, spec, held = llama_f32
+    parents, mask, depth = _tree()
+    toks = [9, 33, 71, 120, 4, 18, 230, 66]
+    prompt = [1, 50, 60, 70]
+    rt = NativeRuntime(p, threads=2)
+    rt.forward(prompt)
+    rt.forward(toks, rt.n_past + depth, mask)
+    path = [0, 2, 5, 7]
+    rt.keep(path)
+    assert rt.n_past == len(prompt) + len(path)
+    a = rt.forward([42, 43])
+    fresh = NativeRuntime(p, threads=2)
+    b = fresh.forward(prompt + [toks[j] for j in path] + [42, 43])[-2:]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    rt.truncate(len(prompt))
+    np.testing.assert_allclose(rt.forward([7]), NativeRuntime(p, threads=2).forward(prompt + [7])[-1:], atol=1e-4)
+    with pytest.raises(SparsedgeError):
+        rt.keep([5])
+    with pytest.raises(SparsedgeError):
+        rt.truncate(rt.n_past + 1)
+
+
+def test_cache_grows_past_initial_capacity(llama_f32):
+    p, spec, held = llama_f32
+    ref, rt = torch_rt(spec, held), NativeRuntime(p, threads=2, n_ctx=16)
+    toks = list(np.random.default_rng(0).integers(0, spec.vocab_size, 40))
+    np.testing.assert_allclose(rt.forward(toks[:20]), ref.forward(toks[:20]), atol=1e-3)
+    np.testing.assert_allclose(rt.forward(toks[20:]), ref.forward(toks[20:]), atol=1e-3)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_steps_close_to_torch_on_the_same_weights(tmp_path, level, qtype):
+    """Weights exactly as stored; the remaining error is the int8 activation quantization."""
+    spec, w = tiny_llama()
+    p = tmp_path / f"tiny-{qtype}.gguf"
+    held = write_gguf(p, spec, w, qtype)
+    ref, rt = torch_rt(spec, held), NativeRuntime(p, threads=2)
+    toks = [5, 17, 99, 3, 200, 41, 7, 8]
+    a, b = rt.forward(toks), ref.forward(toks)
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75
+    parents, mask, depth = _tree()
+    a, b = rt.forward(toks, rt.n_past + depth, mask), ref.forward(toks, ref.n_past + depth, mask)
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def _recipe(spec, held, method, sites, per_channel=(), q=0.5):
+    """Thresholds at the q-quantile of |x| per layer and site, measured on the torch reference."""
+    from sparsedge.sparsify.recipe import Calibration, SiteThresholds, SparsityRecipe, model_fingerprint
+
+    ref = torch_rt(spec, held)
+    seen: dict[tuple[str, int], list] = {}
+
+    def capture(site):
+        def hook(layer, x):
+            seen.setdefault((site, layer), []).append(x.abs().reshape(-1, x.shape[-1]).clone())
+            return x
+        return hook
+
+    for s in sites:
+        ref.model.hooks[s] = capture(s)
+    ref.forward(list(np.random.default_rng(7).integers(0, spec.vocab_size, 48)))
+    out = {}
+    for s in sites:
+        ts = []
+        for i in range(spec.n_layers):
+            a = torch.cat(seen[(s, i)]).numpy()
+            ts.append(np.quantile(a, q, axis=0).tolist() if s in per_channel else float(np.quantile(a, q)))
+        out[s] = SiteThresholds("|x|", ts)
+    return SparsityRecipe(method=method, target_sparsity=q, model=model_fingerprint(spec), sites=out,
+                          calibration=Calibration("test", 48, "0"), tensors=[])
+
+
+RECIPES = {
+    "cats": (["gate_act"], ()),
+    "teal": (["qkv_in", "o_in", "ffn_in", "down_in"], ()),
+    "chess": (["gate_act", "q_in", "o_in"], ("gate_act",)),
+    "wina": (["down_in"], ("down_in",)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_recipe_logits_equal_torch_with_recipe(tmp_path, llama_f32, method):
+    from sparsedge.sparsify.apply import apply
+
+    _, spec, held = llama_f32
+    sites, per_channel = RECIPES[method]
+    recipe = _recipe(spec, held, "teal" if method == "wina" else method, sites, per_channel)
+    p = tmp_path / "sparse.gguf"
+    write_gguf(p, spec, {k: v.clone() for k, v in held.items()}, recipe=recipe)
+    ref = torch_rt(spec, held)
+    state = apply(ref, recipe, weights_permuted=True)
+    rt = NativeRuntime(p, threads=2, stats=True)  # the recipe comes from the file's metadata
+    assert rt.recipe is not None and set(rt.recipe.sites) == set(sites)
+    prompt = [5, 17, 99, 3, 200, 41, 7]
+    np.testing.assert_allclose(rt.forward(prompt), ref.forward(prompt), atol=1e-3)
+    parents, mask, depth = _tree()
+    toks = [9, 33, 71, 120, 4, 18, 230, 66]
+    np.testing.assert_allclose(rt.forward(toks, rt.n_past + depth, mask),
+                               ref.forward(toks, ref.n_past + depth, mask), atol=1e-3)
+    got, want = rt.achieved_sparsity(), state.achieved()
+    for s in sites:
+        assert abs(got[s] - want[s]) < 0.01, (s, got[s], want[s])
+        assert 0.2 < got[s] < 0.8
+    dense = NativeRuntime(p, threads=2, recipe=False)
+    assert dense.recipe is None
+    assert not np.allclose(dense.forward(prompt), NativeRuntime(p, threads=2).forward(prompt), atol=1e-3)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype):
+    from sparsedge.sparsify.apply import apply
+
+    spec, w = tiny_llama()
+    p = tmp_path / "q.gguf"
+    held = write_gguf(p, spec, w, qtype)
+    recipe = _recipe(spec, held, "teal", ["qkv_in", "o_in", "ffn_in", "down_in"], ())
+    ref = torch_rt(spec, held)
+    apply(ref, recipe, weights_permuted=True)
+    rt = NativeRuntime(p, threads=2, recipe=recipe)
+    toks = [5, 17, 99, 3, 200, 41, 7, 8]
+    a, b = rt.forward(toks), ref.forward(toks)
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+
+def test_malformed_files_raise(tmp_path, llama_f32):
+    p, spec, held = llama_f32
+    data = p.read_bytes()
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SparsedgeError):
+        NativeRuntime(bad)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(SparsedgeError):
+        NativeRuntime(junk)
+    with pytest.raises(SparsedgeError, match="no such"):
+        NativeRuntime(tmp_path / "missing.gguf")
+
+    # a wrong shape
+    w = dict(held)
+    w["layers.1.up"] = w["layers.1.up"][:, :32].contiguous()
+    wrong = tmp_path / "shape.gguf"
+    write_gguf(wrong, spec, w)
+    with pytest.raises(SparsedgeError, match="ffn_up"):
+        NativeRuntime(wrong)
+
+    # a missing tensor
+    w = {k: v for k, v in held.items() if k != "layers.2.down"}
+    missing = tmp_path / "missing-tensor.gguf"
+    write_gguf(missing, spec, w)
+    with pytest.raises(SparsedgeError, match="ffn_down"):
+        NativeRuntime(missing)
+
+    # an unsupported type
+    q41 = tmp_path / "q4_1.gguf"
+    write_gguf(q41, spec, dict(held), "Q4_1")
+    with pytest.raises(SparsedgeError, match="Q4_1"):
+        NativeRuntime(q41)
+
+    rt = NativeRuntime(p)
+    with pytest.raises(SparsedgeError):
+        rt.forward([spec.vocab_size])
+    with pytest.raises(SparsedgeError):
+        rt.forward([1, 2], tree_mask=np.zeros((2, 2), bool))
+
+
+# ----------------------------------------------------------------------------- Gemma 3
+
+GEMMA_NAMES = {**GGUF_NAMES, "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+               "post_attn_norm": "post_attention_norm", "post_ffn_norm": "post_ffw_norm"}
+
+
+def test_gemma3_f32_matches_torch_past_the_sliding_window(tmp_path):
+    """GeGLU, q/k norms, sandwich norms, (1 + w) norms, embedding scale, NEOX RoPE (no permutation),
+    sliding-window layers with their own RoPE base; 20 tokens > the window of 8."""
+    m = hf_model("gemma3")
+    spec = arch.spec_from_hf(m.config)
+    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
+    sd = m.state_dict()
+    w = {c: sd[h].float() for c, h in names.items() if h in sd}
+    p = tmp_path / "gemma3.gguf"
+    wr = gguf.GGUFWriter(str(p), "gemma3")
+    wr.add_block_count(spec.n_layers)
+    wr.add_embedding_length(spec.hidden_size)
+    wr.add_feed_forward_length(spec.intermediate_size)
+    wr.add_head_count(spec.n_heads)
+    wr.add_head_count_kv(spec.n_kv_heads)
+    wr.add_layer_norm_rms_eps(spec.rms_eps)
+    wr.add_rope_freq_base(spec.rope_theta)
+    wr.add_key_length(spec.head_dim)
+    wr.add_value_length(spec.head_dim)
+    wr.add_sliding_window(spec.sliding_window)
+    wr.add_sliding_window_pattern([t == "sliding" for t in spec.layer_types])
+    wr.add_rope_freq_base_swa(spec.rope_theta_local)
+    for c, t in w.items():
+        if c == "lm_head":
+            continue
+        a = t.numpy()
+        if a.ndim == 1:  # llama.cpp reads Gemma norms as plain w: the file holds 1 + w
+            a = a + spec.norm_offset
+        n = {"embed": "token_embd", "norm": "output_norm"}.get(c) or f"blk.{c.split('.')[1]}.{GEMMA_NAMES[c.split('.')[2]]}"
+        wr.add_tensor(n + ".weight", np.ascontiguousarray(a, dtype=np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    ref, rt = torch_rt(spec, w), NativeRuntime(p, threads=2)
+    assert rt.spec.layer_types == spec.layer_types and rt.spec.sliding_window == spec.sliding_window
+    toks = list(range(3, 23))
+    np.testing.assert_allclose(rt.forward(toks), ref.forward(toks), atol=1e-3)
+    parents, mask, depth = _tree()
+    tree = [9, 33, 71, 120, 4, 18, 230, 66]
+    np.testing.assert_allclose(rt.forward(tree, rt.n_past + depth, mask),
+                               ref.forward(tree, ref.n_past + depth, mask), atol=1e-3)
