@@ -83,6 +83,7 @@ class KVCache:
             self.v[i][:, :used] = old_v[i][:, :used]
         self.pos[:used] = old_pos[:used]
 
+    @torch.inference_mode()  # buffers grown inside forward() are inference tensors
     def compact(self, start: int, idx: torch.Tensor) -> None:
         """Move entries start+idx to start, start+1, ... (idx: [m] int64)."""
         src = start + idx

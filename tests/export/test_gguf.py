@@ -224,8 +224,9 @@ def test_recipe_and_permuted_weights(llama, tmp_path):
     data = {t.name: np.asarray(t.data) for t in r.tensors}
     hf = _hf_weights(llama)
     for i, p in enumerate(perms):
-        np.testing.assert_array_equal(data[f"blk.{i}.ffn_gate.weight"], hf[f"model.layers.{i}.mlp.gate_proj.weight"][p])
-        np.testing.assert_array_equal(data[f"blk.{i}.ffn_down.weight"], hf[f"model.layers.{i}.mlp.down_proj.weight"][:, p])
+        gate, down = hf[f"model.layers.{i}.mlp.gate_proj.weight"], hf[f"model.layers.{i}.mlp.down_proj.weight"]
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_gate.weight"], gate[p])
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_down.weight"], down[:, p])
 
 
 def test_gemma3_layout_and_metadata(gemma, tmp_path):
@@ -334,7 +335,8 @@ def test_q4_k_m_through_llama_cpp(llama, tmp_path):
 
 
 def test_unknown_quant_is_a_clear_error(llama, tmp_path):
-    with pytest.raises(SparsedgeError, match=r"unknown GGUF quant type 'q3_zz' \(known: f32, f16, q8_0, q4_0, q4_k_m\)"):
+    known = r"\(known: f32, f16, q8_0, q4_0, q4_k_m\)"
+    with pytest.raises(SparsedgeError, match=r"unknown GGUF quant type 'q3_zz' " + known):
         write_gguf(llama, tmp_path / "m.gguf", quant="q3_zz", progress=False)
     with pytest.raises(SparsedgeError, match="known: "):
         check_quant("Q5_K_S")

@@ -166,3 +166,15 @@ def test_real_model_tree_and_keep(real_runtime, real_model):
     rt.forward(list(prompt) + [int(nodes[0]), int(nodes[2]), int(nodes[5])])
     np.testing.assert_allclose(nxt, rt.forward([11])[0], atol=TOL, rtol=0)
     rt.reset()
+
+
+def test_keep_after_the_cache_grew(tiny):
+    """The cache regrows inside forward (inference mode); keep() must still compact it."""
+    _, rt = tiny
+    toks = np.random.default_rng(8).integers(0, rt.vocab_size, 300)
+    rt.forward(toks[:298])
+    rt.forward(toks[298:], tree_mask=np.eye(2, dtype=bool), positions=[298, 298])
+    rt.keep([1])
+    got = rt.forward([5])[0]
+    ref = _fresh_last_logits(rt, list(toks[:298]) + [int(toks[299]), 5])
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
