@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import SparsedgeError
+from ..sources import is_gguf
 from .base import check_forward_args, check_keep_indices
 
 _LIB = None
@@ -81,14 +82,6 @@ class NativeLog:
 @contextlib.contextmanager
 def captured_log() -> Iterator[NativeLog]:
     yield NativeLog()
-
-
-def is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def tree_parents(mask: np.ndarray) -> np.ndarray:
