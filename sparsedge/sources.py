@@ -298,15 +298,7 @@ class LoadedModel:
         if self.manifest is not None:  # an artifact: dequantize its most precise GGUF
             path = resolve(str(artifact_file(self.path, self.manifest, "gguf")), progress=False)[1]
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        sd = hf.state_dict()
-        names = arch_registry.layer_names(arch_registry.get(self.spec.arch), self.spec.n_layers)
-        out = {}
-        for canon, hf_name in names.items():
-            if hf_name in sd:
-                out[canon] = sd[hf_name].detach().contiguous()
-        if self.spec.tie_embeddings:
-            out.pop("lm_head", None)
-        return out
+        return arch_registry.canonical_weights(self.spec, hf.state_dict())
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

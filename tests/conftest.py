@@ -23,10 +23,7 @@ def tiny(arch_name):
 
     m = hf_model(arch_name)
     spec = arch.spec_from_hf(m.config)
-    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
-    sd = m.state_dict()
-    w = {c: sd[h] for c, h in names.items() if h in sd}
-    return m, TorchRuntime(spec, w)
+    return m, TorchRuntime(spec, arch.canonical_weights(spec, m.state_dict()))
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,15 @@ def layer_names(arch: Arch, n_layers: int) -> dict[str, str]:
     return out
 
 
+def canonical_weights(spec: ModelSpec, hf_state_dict) -> dict:
+    """Canonical-name tensors from a transformers state dict (a tied lm_head is left out)."""
+    names = layer_names(get(spec.arch), spec.n_layers)
+    out = {c: hf_state_dict[h].detach().contiguous() for c, h in names.items() if h in hf_state_dict}
+    if spec.tie_embeddings:
+        out.pop("lm_head", None)
+    return out
+
+
 def _eos_list(config: Any) -> list[int]:
     eos = getattr(config, "eos_token_id", None)
     if eos is None:

@@ -60,9 +60,7 @@ def rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def tiny_llama(seed: int = 0):
     m = hf_model("llama", seed)
     spec = arch.spec_from_hf(m.config)
-    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
-    sd = m.state_dict()
-    return spec, {c: sd[h].float() for c, h in names.items() if h in sd}
+    return spec, {c: t.float() for c, t in arch.canonical_weights(spec, m.state_dict()).items()}
 
 
 def write_gguf(path, spec, w, qtype="F32", recipe=None) -> dict:
@@ -490,9 +488,7 @@ def test_gemma3_f32_matches_torch_past_the_sliding_window(tmp_path):
     sliding-window layers with their own RoPE base; 20 tokens > the window of 8."""
     m = hf_model("gemma3")
     spec = arch.spec_from_hf(m.config)
-    names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
-    sd = m.state_dict()
-    w = {c: sd[h].float() for c, h in names.items() if h in sd}
+    w = {c: t.float() for c, t in arch.canonical_weights(spec, m.state_dict()).items()}
     p = tmp_path / "gemma3.gguf"
     wr = gguf.GGUFWriter(str(p), "gemma3")
     wr.add_block_count(spec.n_layers)

@@ -224,9 +224,7 @@ def test_recipe_from_one_architecture_refused_by_another(tmp_path):
     for a in ("llama", "gemma3"):
         m = hf_model(a)
         spec = arch.spec_from_hf(m.config)
-        names = arch.layer_names(arch.get(spec.arch), spec.n_layers)
-        sd = m.state_dict()
-        rts[a] = TorchRuntime(spec, {c: sd[h] for c, h in names.items() if h in sd})
+        rts[a] = TorchRuntime(spec, arch.canonical_weights(spec, m.state_dict()))
     stats = calibration_stats(rts["llama"], tiny_tokenizer(), config=CFG, progress=False)
     r = recipe_from_stats("cats", 0.5, stats, rts["llama"])
     with pytest.raises(SparsedgeError, match="another model"):
