@@ -49,19 +49,29 @@ def cmd_pull(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .runtimes import open_runtime
-    from .runtimes.decoding import GenerationConfig, GenerationStats, generate
+    from .runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
+                                    generate, make_drafter, speculative_generate)
     from .sources import load
     from .text import encode_prompt, stop_ids, stream_text
 
+    speculative = a.decode in ("spec", "tree")
+    if speculative and not a.drafter:
+        raise SparsedgeError(f"--decode {a.decode} needs --drafter (e.g. ngram, recycle, ngram,recycle)")
+    if a.drafter and not speculative:
+        raise SparsedgeError("--drafter needs --decode spec or tree")
+    spec = SpecConfig(mode=a.decode, budget=a.budget) if speculative else None
     loaded = load(a.model)
-    runtime = open_runtime(loaded, a.runtime, **_runtime_opts(a))
+    opts = _runtime_opts(a)
+    runtime = open_runtime(loaded, a.runtime, **opts)
+    drafter = make_drafter(a.drafter, Target(runtime, loaded, a.runtime, opts)) if speculative else None
     tok = loaded.tokenizer
     ids = encode_prompt(tok, a.prompt, chat=a.chat)
     stop = stop_ids(tok, loaded.spec)
     cfg = GenerationConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed, stop)
-    st = GenerationStats()
+    st = SpecStats() if speculative else GenerationStats()
+    tokens = speculative_generate(runtime, ids, cfg, drafter, spec, st) if speculative else generate(runtime, ids, cfg, st)
     pieces = []
-    for piece in stream_text(tok, generate(runtime, ids, cfg, st), stop):
+    for piece in stream_text(tok, tokens, stop):
         pieces.append(piece)
         if not a.json:
             print(piece, end="", flush=True)
@@ -71,13 +81,18 @@ def cmd_run(a: argparse.Namespace) -> int:
             "text": text, "tokens": st.tokens, "new_tokens": st.new_tokens,
             "tokens_per_s": round(st.tokens_per_s, 3), "runtime": runtime.name,
             "model": a.model, "prompt_tokens": st.prompt_tokens,
-            "prefill_s": round(st.prefill_s, 4), "decode_s": round(st.decode_s, 4),
+            "prefill_s": round(st.prefill_s, 4), "decode_s": round(st.decode_s, 4), "decode": a.decode,
+            **({"drafter": drafter.name, **st.to_dict()} if speculative else {}),
         })
     else:
         print()
+        extra = (f", {st.mean_accepted:.2f} tokens/step over {st.steps} steps, drafter {drafter.name}"
+                 if speculative else "")
         print(f"[{st.new_tokens} tokens, {st.tokens_per_s:.1f} tok/s decode, "
-              f"prefill {st.prompt_tokens} tokens in {st.prefill_s:.2f}s, runtime {runtime.name}]",
+              f"prefill {st.prompt_tokens} tokens in {st.prefill_s:.2f}s, runtime {runtime.name}{extra}]",
               file=sys.stderr)
+    if drafter is not None:
+        drafter.close()
     return 0
 
 
@@ -98,10 +113,10 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if a.chunk_size is not None and (a.chunk_size <= 0 or ffn % a.chunk_size):
         raise SparsedgeError(f"chunk size {a.chunk_size} does not divide the FFN width {ffn}")
     rt = open_runtime(loaded, "torch", threads=a.threads)
-    cfg = sparsify.CalibConfig(tokens=a.calib_tokens)
+    cfg = sparsify.CalibConfig(tokens=a.calib_tokens, sparse_aware=not a.no_sparse_aware)
     stats = sparsify.calibration_stats(rt, loaded.tokenizer, text, cfg,
                                        corpus=f"file:{a.calib_file}" if a.calib_file else None)
-    recipe = sparsify.recipe_from_stats(a.method, a.sparsity, stats, rt, a.scope)
+    recipe = sparsify.recipe_from_stats(a.method, a.sparsity, stats, rt, a.scope, progress=True)
     if a.chunk_size:
         sparsify.add_chunking(recipe, stats, a.chunk_size, cluster=not a.no_cluster,
                               routing_window=a.route_window, routing_keep=a.route_keep)
@@ -113,12 +128,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     path = recipe.save(a.output)
     out = {"recipe": str(path), "method": recipe.method, "target_sparsity": recipe.target_sparsity,
            "sites": list(recipe.sites), "calibration_tokens": stats.tokens,
-           "calibration_s": round(stats.seconds, 2), "corpus": stats.corpus, **recipe.results}
+           "calibration_s": recipe.calibration.seconds, "corpus": stats.corpus, **recipe.results}
     if a.json:
         _emit(out)
     else:
         print(f"wrote {path}: {recipe.method} at {recipe.target_sparsity:.0%} on {', '.join(recipe.sites)}; "
-              f"calibrated on {stats.tokens} tokens of {stats.corpus or CORPUS_NAME} in {stats.seconds:.1f}s")
+              f"calibrated on {stats.tokens} tokens of {stats.corpus or CORPUS_NAME} in {recipe.calibration.seconds:.1f}s")
         if recipe.results:
             r = recipe.results
             print(f"held-out: ppl {r['ppl_dense']:.3f} -> {r['ppl']:.3f}, achieved sparsity "
@@ -283,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    s.add_argument("--decode", choices=("greedy", "spec", "tree"), default="greedy", help=(
+        "greedy: one token per forward (with --temperature: plain sampling); spec: a drafted chain "
+        "verified in one forward; tree: a draft tree verified in one forward. Output is identical to "
+        "plain greedy (or follows the same distribution when sampling) (default: greedy)"))
+    s.add_argument("--drafter", help=(
+        "where drafts come from, NAME[:ARG] joined by commas: ngram[:N] (context n-gram lookup), "
+        "recycle[:MATRIX.npy] (Token Recycling), layerskip[:PLAN.json] (the model minus some layers; "
+        "searched and saved in the artifact when no plan is given), sparse:RECIPE.json (the model at a "
+        "high sparsity), model:PATH[@RUNTIME] (another model with the same tokenizer)"))
+    s.add_argument("--budget", type=int, default=16, help="most draft tokens per verification; fewer are "
+                   "used when the runtime's measured cost of verifying k tokens says so (default 16)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("eval", help="measure perplexity", description=(
@@ -314,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--route-keep", type=float, help="chunk routing: fraction of chunks kept per window")
     s.add_argument("--calib-file", help="calibrate on this UTF-8 text file instead")
     s.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    s.add_argument("--no-sparse-aware", action="store_true", help="thresholds from the dense pass alone "
+                   "(default: set again in a second pass with earlier sites sparsified, as at run time)")
     s.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens measured (default 8192)")
     s.add_argument("--no-eval", action="store_true", help="skip the held-out measurement")
     s.add_argument("-o", "--output", required=True, help="where to write recipe.json")

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# One test process holds torch's, ONNX Runtime's, llama.cpp's and the native engine's thread pools
+# at once; OpenMP threads that spin at barriers starve each other on 2 cores (a 15x slowdown
+# measured on the tiny models). Set before any of them loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -32,11 +32,16 @@ def hf_config(arch: str, vocab: int = 256):
     raise KeyError(arch)
 
 
-def hf_model(arch: str, seed: int = 0, vocab: int = 256):
+def hf_model(arch: str, seed: int = 0, vocab: int = 256, init_range: float | None = None):
+    """init_range: weight std (transformers' default 0.02 makes greedy text collapse into one
+    repeated token; 0.3 gives varied text, which decoding tests need)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(hf_config(arch, vocab), dtype=torch.float32)
+    cfg = hf_config(arch, vocab)
+    if init_range is not None:
+        cfg.initializer_range = init_range
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init leaves norms at 1 (Gemma: 0); perturb them so that norm bugs show
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -68,10 +73,10 @@ def tiny_tokenizer(vocab: int = 256):
     return fast
 
 
-def save_folder(arch: str, path: Path, seed: int = 0) -> Path:
+def save_folder(arch: str, path: Path, seed: int = 0, init_range: float | None = None) -> Path:
     """A complete HF folder (config, weights, tokenizer) of a tiny random model."""
     tok = tiny_tokenizer()
-    m = hf_model(arch, seed, vocab=len(tok))
+    m = hf_model(arch, seed, vocab=len(tok), init_range=init_range)
     m.save_pretrained(path)
     tok.save_pretrained(path)
     return path

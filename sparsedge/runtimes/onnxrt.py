@@ -54,6 +54,12 @@ class OnnxRuntime:
     providers / provider_options: ONNX Runtime execution providers, CPU by default.
     threads: intra-op threads (default: ONNX Runtime's choice). spinning: let idle worker threads
     spin (lower latency on an otherwise idle machine; see _session for why it is off by default).
+    batch_invariant: run every 1-token forward as a 2-token one (the token twice, the copy seeing
+    only itself, then dropped), so that plain decoding uses the same kernels as k-token
+    verification. Needed where a graph's kernels differ by batch size: MatMulNBits at accuracy
+    level 4 computes M = 1 with another kernel than M > 1 (0.6 logits apart on SmolLM2 int4), which
+    would make speculative output differ from plain greedy. None (default): probe at load and pad
+    only if the 1-token and 2-token results differ.
     """
 
     name = "onnxruntime"
@@ -66,6 +72,7 @@ class OnnxRuntime:
         threads: int | None = None,
         provider_options=None,
         spinning: bool = False,
+        batch_invariant: bool | None = None,
     ):
         import onnxruntime as ort
 
@@ -85,8 +92,26 @@ class OnnxRuntime:
         self._ort = ort
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._sliding = "sliding_attention_bias" in self._inputs
+        self._pad = False
         self.reset()
+        self._pad = self._kernels_differ_by_batch() if batch_invariant is None else bool(batch_invariant)
+        # Tree verification is exact (each node's logits equal a sequential run's) when the kernels
+        # are batch-invariant. With int8-activation kernels it is not: a tree node's attention sums
+        # its visible entries in other SIMD lanes than a chain does (1e-5 apart), and requantizing
+        # those activations to int8 flips roundings that grow to ~0.3 logits over 30 layers. Chains
+        # stay exact (their rows are a prefix), so decoding verifies chains on such a graph.
+        self.exact_trees = not self._pad
 
+    def _kernels_differ_by_batch(self) -> bool:
+        """Does the last of two tokens get other logits from one 2-token forward than from two
+        1-token forwards? (fp32 graphs: ~1e-5 apart; int4 at accuracy level 4: ~0.5.)"""
+        toks = [min(1, self.vocab_size - 1), min(2, self.vocab_size - 1)]
+        two = self.forward(toks)[1]
+        self.reset()
+        self.forward(toks[:1])
+        one = self.forward(toks[1:])[0]
+        self.reset()
+        return bool(np.abs(two - one).max() > 1e-3 * max(1.0, float(np.abs(two).max())))
     def _check_signature(self) -> None:
         s = self.spec
         self._inputs = {i.name: i for i in self.session.get_inputs()}
@@ -162,6 +187,17 @@ class OnnxRuntime:
         return feed
 
     def forward(self, tokens, positions=None, tree_mask=None) -> np.ndarray:
+        if self._pad and np.asarray(tokens).size == 1:
+            pos = self.n_past if positions is None else int(np.asarray(positions).reshape(-1)[0])
+            logits = self._forward(np.repeat(np.asarray(tokens, dtype=np.int64).reshape(-1), 2), [pos, pos],
+                                   np.eye(2, dtype=bool))[:1]
+            start = self._last[0]
+            self._set_kv([v.numpy()[:, :, : start + 1] for v in self._kv], self._pos[: start + 1])
+            self._last = (start, 1)
+            return logits
+        return self._forward(tokens, positions, tree_mask)
+
+    def _forward(self, tokens, positions=None, tree_mask=None) -> np.ndarray:
         start = self.n_past
         arrays, all_pos = self._feed(tokens, positions, tree_mask)
         feed = {name: self._ortvalue(a) for name, a in arrays.items()}

@@ -110,6 +110,7 @@ class Decoder(torch.nn.Module):
             self.w["lm_head"] = self.w["embed"]
         # hooks[site] applies to every layer; installed by a sparsity recipe or a calibrator
         self.hooks: dict[str, Hook] = {}
+        self.skip: frozenset[int] = frozenset()  # layers not computed (self-speculative drafting)
 
     def _hook(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         h = self.hooks.get(site)
@@ -137,6 +138,8 @@ class Decoder(torch.nn.Module):
             x = x * torch.tensor(s.embed_scale, dtype=x.dtype)
         nh, nkv, hd = s.n_heads, s.n_kv_heads, s.head_dim
         for i in range(s.n_layers):
+            if i in self.skip:
+                continue
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], s.rms_eps, s.norm_offset)
             h = self._hook("qkv_in", i, h)

@@ -24,6 +24,7 @@ class TorchRuntime:
         weights: Mapping[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         threads: int | None = None,
+        skip_layers: Sequence[int] = (),
     ):
         if threads:
             torch.set_num_threads(int(threads))
@@ -31,6 +32,12 @@ class TorchRuntime:
         check_shapes(spec, w)
         self.spec = spec
         self.model = Decoder(spec, w)
+        bad = [i for i in skip_layers if not 0 <= int(i) < spec.n_layers]
+        if bad:
+            raise SparsedgeError(f"cannot skip layers {bad}: the model has {spec.n_layers}")
+        # layers left out of every forward (a layer-skipping draft model over the same weights);
+        # their KV entries are never written nor read
+        self.model.skip = frozenset(int(i) for i in skip_layers)
         self.cache = KVCache(spec, dtype)
         self._last: tuple[int, int] | None = None  # (start, k) of the last-appended entries
 

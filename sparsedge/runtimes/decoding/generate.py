@@ -72,13 +72,15 @@ def generate(
     tok = sample(logits)
     st.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    produced = 0  # this call's count (``st`` may be shared across calls and accumulate)
     while True:
+        produced += 1
         st.new_tokens += 1
         st.tokens.append(tok)
         if tok in stop:
             st.stopped = True
         st.decode_s = time.perf_counter() - t1
         yield tok
-        if st.stopped or st.new_tokens >= cfg.max_new_tokens:
+        if st.stopped or produced >= cfg.max_new_tokens:
             return
         tok = sample(runtime.forward([tok])[0])

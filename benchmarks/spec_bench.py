@@ -1,0 +1,149 @@
+"""Speculative decoding, one run: every runtime × drafter on the prompt suite, against plain greedy.
+
+    python benchmarks/spec_bench.py ART --runtimes native,llamacpp,onnxruntime \
+        --drafters ngram,recycle,ngram+recycle,sparse:r70.json --tokens 128 --threads 2 --out docs/spec
+
+For each runtime: plain greedy decode tok/s over the suite (``--tokens`` new tokens per prompt);
+for each drafter: tok/s, steps, tokens per step (mean_accepted), acceptance rate, draft / verify
+time, whether every output equals plain greedy's on that runtime (it must), the ratio to plain
+greedy on the same runtime and to llama.cpp's plain greedy. ``+`` joins drafters (ngram+recycle is
+the CLI's ngram,recycle). Recycle's matrix and the n-gram cache stay warm across the prompts of a
+run, as they would in a server; ``--warm N`` first seeds them from N tokens of the calibration
+corpus (not the prompts). Prints a markdown table; ``--out DIR`` writes spec.json and spec.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: spinning OpenMP threads collapse
+
+
+def run_suite(rt, prompts, n, gen):
+    """(tokens per prompt, total decode seconds, summed stats) for one decoding function."""
+    outs, dec, agg = [], 0.0, {"steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.0}
+    for p in prompts:
+        st, toks = gen(p)
+        outs.append(toks)
+        dec += st.decode_s
+        for k in agg:
+            agg[k] += getattr(st, k, 0)
+    return outs, dec, agg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--runtimes", default="native,llamacpp,onnxruntime")
+    ap.add_argument("--drafters", default="ngram,recycle,ngram+recycle")
+    ap.add_argument("--modes", default="tree", help="spec and/or tree")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=0, help="first N prompts of the suite (0: all)")
+    ap.add_argument("--warm", type=int, default=0, help="seed recycle / n-gram from N corpus tokens")
+    ap.add_argument("--quant", default=None, help="GGUF / ONNX file of the artifact (default: fastest)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    import numpy as np
+
+    from sparsedge import data, load, open_runtime
+    from sparsedge.runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
+                                             generate, make_drafter, prompt_suite, speculative_generate)
+    from sparsedge.runtimes.decoding.drafters import Combined
+    from sparsedge.runtimes.decoding.drafters.ngram import NgramDrafter
+    from sparsedge.runtimes.decoding.drafters.recycle import RecycleDrafter
+    from sparsedge.text import encode_prompt, stop_ids
+
+    loaded = load(a.artifact, progress=False)
+    suite = prompt_suite()[: a.prompts or None]
+    prompts = [encode_prompt(loaded.tokenizer, p["prompt"], chat=p["chat"]).tolist() for p in suite]
+    stop = stop_ids(loaded.tokenizer, loaded.spec)
+    # no stop tokens: every prompt decodes exactly --tokens tokens, so runs compare like for like
+    cfg = GenerationConfig(max_new_tokens=a.tokens)
+    warm_ids = data.tokenize(loaded.tokenizer, data.calibration_text()[: a.warm * 8])[: a.warm] if a.warm else None
+    rows, plain_tps = [], {}
+    for rname in [r.strip() for r in a.runtimes.split(",") if r.strip()]:
+        opts = {"threads": a.threads}
+        q = a.quant if a.quant and rname in ("llamacpp", "native") else None
+        try:
+            rt = open_runtime(loaded, rname, **opts, **({"quant": q} if q else {}))
+        except Exception as e:  # a runtime that is not installed is reported, not fatal
+            print(f"# {rname}: unavailable ({e})", file=sys.stderr)
+            continue
+        tgt = Target(rt, loaded, rname, {**opts, **({"quant": q} if q else {})})
+
+        def plain(p):
+            st = GenerationStats()
+            return st, list(generate(rt, p, cfg, st))
+
+        list(generate(rt, prompts[0], GenerationConfig(max_new_tokens=8)))  # warm-up
+        ref, dec, _ = run_suite(rt, prompts, a.tokens, plain)
+        n_tok = sum(len(t) - 1 for t in ref)
+        plain_tps[rname] = n_tok / dec
+        rows.append({"runtime": rname, "drafter": "-", "mode": "greedy", "tok_s": round(n_tok / dec, 2),
+                     "identical": True})
+        print(f"{rname:12s} plain greedy {n_tok / dec:8.2f} tok/s", file=sys.stderr)
+        for dname in [d.strip() for d in a.drafters.split(",") if d.strip()]:
+            dr = make_drafter(dname.replace("+", ","), tgt)
+            if warm_ids is not None:
+                for d in (dr.drafters if isinstance(dr, Combined) else [dr]):
+                    if isinstance(d, RecycleDrafter):
+                        d.seed(rt, warm_ids)
+                    elif isinstance(d, NgramDrafter):
+                        d._extend(list(warm_ids))
+            for mode in [m.strip() for m in a.modes.split(",")]:
+                sc = SpecConfig(mode=mode, budget=a.budget)
+
+                def spec(p):
+                    st = SpecStats()
+                    return st, list(speculative_generate(rt, p, cfg, dr, sc, st))
+
+                outs, sdec, agg = run_suite(rt, prompts, a.tokens, spec)
+                same = outs == ref
+                tps = n_tok / sdec
+                steps = max(agg["steps"], 1)
+                row = {"runtime": rname, "drafter": dname, "mode": mode, "tok_s": round(tps, 2),
+                       "identical": same, "steps": agg["steps"],
+                       "mean_accepted": round((agg["accepted"] + agg["steps"]) / steps, 3),
+                       "acceptance_rate": round(agg["accepted"] / max(agg["drafted"], 1), 3),
+                       "nodes_per_step": round(agg["drafted"] / steps, 2),
+                       "draft_s": round(agg["draft_s"], 3), "verify_s": round(agg["verify_s"], 3),
+                       "vs_plain": round(tps / plain_tps[rname], 3)}
+                rows.append(row)
+                print(f"{rname:12s} {dname:24s} {mode:5s} {tps:8.2f} tok/s  x{row['vs_plain']:.2f}  "
+                      f"{row['mean_accepted']:.2f} tok/step  identical={same}", file=sys.stderr)
+            dr.close()
+        getattr(rt, "close", lambda: None)()
+        del rt
+    base = plain_tps.get("llamacpp")
+    for r in rows:
+        r["vs_llamacpp"] = round(r["tok_s"] / base, 3) if base else None
+    lines = ["| runtime | drafter | mode | tok/s | × plain (same runtime) | × llama.cpp plain | tokens/step | "
+             "acceptance | nodes/step | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['runtime']} | {r['drafter']} | {r['mode']} | {r['tok_s']:.1f} | "
+                     f"{r.get('vs_plain', 1.0):.2f} | {r['vs_llamacpp'] or float('nan'):.2f} | "
+                     f"{r.get('mean_accepted', 1.0):.2f} | {r.get('acceptance_rate', float('nan')):.2f} | "
+                     f"{r.get('nodes_per_step', 0):.1f} | {'yes' if r['identical'] else 'NO'} |")
+    md = "\n".join(lines)
+    settings = {"artifact": a.artifact, "tokens": a.tokens, "threads": a.threads, "prompts": len(prompts),
+                "budget": a.budget, "warm": a.warm, "quant": a.quant,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+        (out / "spec.md").write_text(f"settings: {json.dumps(settings)}\n\n{md}\n")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
