@@ -25,7 +25,7 @@ except SparsedgeError as e:  # the C library is not built
     pytest.skip(str(e), allow_module_level=True)
 
 from sparsedge.runtimes.native import NativeRuntime, _lib  # noqa: E402
-from sparsedge.runtimes.native.loader import to_col, weight_from_raw  # noqa: E402
+from sparsedge.runtimes.native.loader import to_col, to_r8, weight_from_raw  # noqa: E402
 
 from tiny import hf_model  # noqa: E402
 
@@ -143,11 +143,13 @@ def test_quant_q8_matches_numpy(level):
         x = (rng.standard_normal(n) * rng.uniform(0.01, 10)).astype(np.float32)
         x[: n // 8] = 0  # an all-zero block quantizes to zeros with scale 0
         q, d, s = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
-        _lib.lib().se_quant_q8(_c(x), n, _c(q), _c(d), _c(s))
+        isum = np.empty(n // 32, np.int32)
+        _lib.lib().se_quant_q8(_c(x), n, _c(q), _c(d), _c(s), _c(isum))
         rq, rd, rs = _quant_q8_ref(x)
         np.testing.assert_array_equal(q, rq)
         np.testing.assert_array_equal(d, rd)
         np.testing.assert_allclose(s, rs, rtol=1e-6)
+        np.testing.assert_array_equal(isum, 8 * rq.reshape(-1, 32).astype(np.int32).sum(1))  # exact, x8 (Q4_0's offset)
 
 
 def _weight(rng, rows, cols, gtype):
@@ -205,6 +207,76 @@ def test_col_matmul_skips_zero_inputs_exactly(level, gtype):
         assert _lib.lib().se_matmul(ctypes.byref(m), k, _c(x), _c(y), None, 2) == 0
         ref = x.astype(np.float64) @ dense.T.astype(np.float64)
         np.testing.assert_allclose(y, ref, atol=2e-5 * np.abs(dense).max() * np.sqrt(cols), rtol=1e-5)
+
+
+def _xq_ref(x):
+    """Activations as the quantized kernels see them: int8 per block of 32 times the block scale."""
+    return np.stack([(_quant_q8_ref(r)[0].astype(np.float32).reshape(-1, 32) * _quant_q8_ref(r)[1][:, None]).ravel()
+                     for r in x])
+
+
+@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_0"])
+def test_r8_matmul_matches_numpy(level, gtype):
+    """The k-token kernel on 8-row interleaved tiles: every k (tiles of 4 tokens plus 1..3 left
+    over), random shapes; equal to numpy on the dequantized weights and quantized activations,
+    and to the row-major kernel."""
+    import ctypes
+
+    rng = np.random.default_rng(6)
+    shapes = [(8, 32, 1), (16, 64, 2), (72, 96, 3), (40, 576, 4), (128, 160, 5), (24, 1536, 7), (64, 576, 8),
+              (8, 32, 13), (48, 192, 16), (16, 64, 17)]
+    for rows, cols, k in shapes:
+        w, dense = _weight(rng, rows, cols, gtype)
+        wr = to_r8(w)
+        assert wr.layout == _lib.R8 and wr.nbytes == w.nbytes
+        x = (rng.standard_normal((k, cols)) * rng.uniform(0.1, 10, (k, 1))).astype(np.float32)
+        x[0, :32] = 0  # an all-zero block (scale 0)
+        y, yrow = np.empty((k, rows), np.float32), np.empty((k, rows), np.float32)
+        m, mrow = wr.mat(), w.mat()
+        assert _lib.lib().se_matmul(ctypes.byref(m), k, _c(x), _c(y), None, 2) == 0
+        assert _lib.lib().se_matmul(ctypes.byref(mrow), k, _c(x), _c(yrow), None, 2) == 0
+        ref = _xq_ref(x).astype(np.float64) @ dense.T.astype(np.float64)
+        tol = 1e-5 * np.abs(dense).max() * np.abs(x).max() * np.sqrt(cols)
+        np.testing.assert_allclose(y, ref, atol=tol, rtol=1e-5)
+        np.testing.assert_allclose(y, yrow, atol=tol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_0"])
+def test_r8_layout_is_lossless(gtype):
+    """Every row read back from the interleaved tiles (the tied embedding's lookup) equals the file's."""
+    import ctypes
+
+    rng = np.random.default_rng(7)
+    w, dense = _weight(rng, 24, 96, gtype)
+    wr = to_r8(w)
+    m = wr.mat()
+    row = np.empty(96, np.float32)
+    for r in range(24):
+        _lib.lib().se_dequant_row(ctypes.byref(m), r, _c(row))
+        np.testing.assert_array_equal(row, dense[r])
+    with pytest.raises(AssertionError):
+        to_r8(_weight(rng, 12, 64, gtype)[0])  # rows not a multiple of 8: stays row-major
+
+
+def test_attention_kernel_matches_numpy(level):
+    """Scores (4 entries per SIMD pass and the tail), masked entries, vectorized exp, weighted V sum
+    (32-wide register path and the narrow one), against numpy."""
+    lib = _lib.lib()
+    rng = np.random.default_rng(8)
+    for n, hd in ((1, 16), (3, 64), (9, 16), (37, 64), (70, 32), (130, 256), (5, 24), (64, 64)):
+        q = rng.standard_normal(hd).astype(np.float32)
+        K = rng.standard_normal((n, hd)).astype(np.float32)
+        V = rng.standard_normal((n, hd)).astype(np.float32)
+        vis = (rng.random(n) < 0.7).astype(np.uint8)
+        vis[-1] = 1
+        scale = np.float32(hd ** -0.5 * 3)  # wide score range: exp far from 1
+        out, scratch = np.empty(hd, np.float32), np.empty(n, np.float32)
+        lib.se_attend(_c(q), _c(K), _c(V), _c(vis), n, hd, scale, _c(scratch), _c(out))
+        sc = (K.astype(np.float64) @ q) * scale
+        sc[vis == 0] = -np.inf
+        p = np.exp(sc - sc.max())
+        ref = (p / p.sum()) @ V
+        np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
 
 
 def test_col_layout_is_lossless():
@@ -350,6 +422,33 @@ def test_quantized_steps_close_to_torch_on_the_same_weights(tmp_path, level, qty
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_r8_and_row_layouts_give_the_same_steps(tmp_path, level, qtype):
+    """The same file run with interleaved (R8) and row-major weights: same integer sums, so the
+    logits agree to float rounding, for a prompt and for an 8-node tree step."""
+    spec, w = tiny_llama(1)
+    p = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(p, spec, w, qtype)
+    a, b = NativeRuntime(p, threads=2, r8=True), NativeRuntime(p, threads=2, r8=False)
+    assert a.model.weights["layers.0.gate"].layout == _lib.R8 and a.model.weights["embed"].layout == _lib.R8
+    assert b.model.weights["layers.0.gate"].layout == _lib.ROW
+    toks = [5, 17, 99, 3, 200, 41, 7, 8, 250]
+    np.testing.assert_allclose(a.forward(toks), b.forward(toks), atol=1e-4, rtol=1e-4)
+    parents, mask, depth = _tree()
+    np.testing.assert_allclose(a.forward(toks[:8], a.n_past + depth, mask), b.forward(toks[:8], b.n_past + depth, mask),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_loader_picks_r8_where_the_cpu_has_its_kernels(tmp_path):
+    spec, w = tiny_llama()
+    p = tmp_path / "q4.gguf"
+    write_gguf(p, spec, w, "Q4_0")
+    rt = NativeRuntime(p, threads=1)
+    want = _lib.R8 if _lib.prefers_r8() else _lib.ROW
+    assert all(rt.model.weights[f"layers.{i}.{c}"].layout == want for i in range(spec.n_layers)
+               for c in ("q", "k", "v", "o", "gate", "up", "down"))
+
+
 # ----------------------------------------------------------------------------- recipes
 
 
@@ -416,19 +515,28 @@ def test_recipe_logits_equal_torch_with_recipe(tmp_path, llama_f32, method):
     assert not np.allclose(dense.forward(prompt), NativeRuntime(p, threads=2).forward(prompt), atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["teal", "cats"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype):
+def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype, method):
+    """teal: channel-major weights at every site; cats: an R8 gate (where the CPU prefers it) feeding
+    a row-major up that skips each token's zeroed rows."""
     from sparsedge.sparsify.apply import apply
 
     spec, w = tiny_llama()
     p = tmp_path / "q.gguf"
     held = write_gguf(p, spec, w, qtype)
-    recipe = _recipe(spec, held, "teal", ["qkv_in", "o_in", "ffn_in", "down_in"], ())
+    sites, per_channel = RECIPES[method]
+    recipe = _recipe(spec, held, method, sites, per_channel)
     ref = torch_rt(spec, held)
     apply(ref, recipe, weights_permuted=True)
     rt = NativeRuntime(p, threads=2, recipe=recipe)
+    if method == "cats":
+        assert rt.model.weights["layers.0.up"].layout == _lib.ROW
     toks = [5, 17, 99, 3, 200, 41, 7, 8]
     a, b = rt.forward(toks), ref.forward(toks)
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+    parents, mask, depth = _tree()
+    a, b = rt.forward(toks, rt.n_past + depth, mask), ref.forward(toks, ref.n_past + depth, mask)
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
 
 

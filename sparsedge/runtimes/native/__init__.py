@@ -8,8 +8,9 @@ A compact C library (sparsedge_native.c, built by the package's setup.py into
   rows -> down only on active neurons (down stored neuron-major);
 - input-thresholded sites (TEAL, WINA, CHESS's q/o inputs): the consuming weight is stored
   input-channel-major and inactive channels are skipped;
-- k tokens per call (draft trees): each weight block is read once for all k, each token keeps its
-  own active set.
+- k tokens per call (draft trees): quantized weights are laid out eight rows interleaved (R8) at
+  load on AVX2 CPUs, so one pass over each weight tile serves all k tokens (4 per register pass,
+  one SIMD lane per row, integer maddubs sums); each token keeps its own active set.
 
 SIMD paths (AVX2+FMA, NEON) are chosen at run time from the CPU's features;
 SPARSEDGE_NATIVE_SCALAR=1 forces the scalar kernels.

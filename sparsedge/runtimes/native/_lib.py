@@ -16,7 +16,7 @@ from ...errors import SparsedgeError
 
 SITES = ("qkv_in", "q_in", "o_in", "ffn_in", "gate_act", "down_in")  # C enum order
 TYPES = {"F32": 0, "Q8_0": 1, "Q4_0": 2}
-ROW, COL = 0, 1
+ROW, COL, R8 = 0, 1, 2
 LEVELS = {0: "scalar", 1: "avx2+fma", 2: "neon"}
 
 
@@ -82,12 +82,15 @@ def lib() -> C.CDLL:
         L.se_max_threads.argtypes, L.se_max_threads.restype = [], i32
         L.se_forward.argtypes = [C.POINTER(Model), C.POINTER(Cache), i32, vp, vp, vp, vp, i32, C.POINTER(Stats)]
         L.se_forward.restype = i32
-        L.se_quant_q8.argtypes, L.se_quant_q8.restype = [vp, i32, vp, vp, vp], None
+        L.se_quant_q8.argtypes, L.se_quant_q8.restype = [vp, i32, vp, vp, vp, vp], None
+        L.se_prefers_r8.argtypes, L.se_prefers_r8.restype = [], i32
+        L.se_profile.argtypes, L.se_profile.restype = [i32, vp], None
         L.se_matmul.argtypes, L.se_matmul.restype = [C.POINTER(Mat), i32, vp, vp, vp, i32], i32
         L.se_rmsnorm.argtypes, L.se_rmsnorm.restype = [vp, vp, vp, i32, i32, f32], None
         L.se_rope.argtypes, L.se_rope.restype = [vp, i32, i32, i32, vp, f32, f32, i32], None
         L.se_act.argtypes, L.se_act.restype = [vp, i32, i32], None
         L.se_dequant_row.argtypes, L.se_dequant_row.restype = [C.POINTER(Mat), i32, vp], None
+        L.se_attend.argtypes, L.se_attend.restype = [vp, vp, vp, vp, i32, i32, f32, vp, vp], None
         _LIB = L
     return _LIB
 
@@ -99,3 +102,21 @@ def set_level(level: int | None) -> str:
 
 def level() -> str:
     return LEVELS[lib().se_level()]
+
+
+def prefers_r8() -> bool:
+    """Whether this CPU has SIMD kernels for the R8 layout (8 interleaved rows; AVX2 + FMA)."""
+    return bool(lib().se_prefers_r8())
+
+
+PHASES = ("embed", "norm", "qkv", "rope", "attention", "o", "gate_up", "down", "lm_head")
+
+
+def profile(on: bool | None = None) -> dict[str, float]:
+    """CPU seconds per phase of the forward (thread 0's own share) summed since the last reset.
+    on=True/False resets the sums and switches timing on/off; None only reads."""
+    import numpy as np
+
+    out = np.zeros(len(PHASES), np.float64)
+    lib().se_profile(-1 if on is None else int(on), out.ctypes.data)
+    return dict(zip(PHASES, out.tolist()))

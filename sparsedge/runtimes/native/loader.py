@@ -5,8 +5,12 @@
 Supported tensor types: F32, F16 (widened to F32 at load), Q8_0, Q4_0. Quantized blocks are split
 into a contiguous array of quants and a float32 array of scales (C reads them as two streams).
 A weight whose input is thresholded by the recipe (or the down projection behind a thresholded
-gate) is re-laid out input-channel-major (``COL``) so that the kernels skip inactive channels; the
-re-layout keeps the original quants and scales (lossless). Anything malformed — an unknown
+gate) is re-laid out input-channel-major (``COL``) so that the kernels skip inactive channels; every
+other quantized weight, on CPUs with the SIMD kernels for it (AVX2), is re-laid out ``R8``: eight
+rows interleaved so that one pass over the weights serves all k tokens of a draft-tree step with
+8 rows per SIMD register (sparsedge_native.c explains the tile). A gate-thresholded recipe keeps
+the up projection row-major so that each token skips the rows its gate zeroed. Both re-layouts keep
+the original quants and scales (lossless). Anything malformed — an unknown
 architecture, a missing tensor, a wrong shape or type, a truncated file — raises SparsedgeError
 before C sees a pointer.
 """
@@ -25,7 +29,7 @@ import numpy as np
 from ...arch import ModelSpec
 from ...errors import SparsedgeError
 from . import _lib
-from ._lib import COL, ROW, SITES
+from ._lib import COL, R8, ROW, SITES
 
 RECIPE_KEY = "sparsedge.recipe"
 QK = 32
@@ -197,6 +201,29 @@ def to_col(w: Weight) -> Weight:
     return Weight("Q4_0", COL, r, c, _pack_q4(np.ascontiguousarray(vals)), d)
 
 
+def to_r8(w: Weight) -> Weight:
+    """Eight-row interleaved copy of a ROW Q8_0 / Q4_0 weight (rows a multiple of 8), lossless:
+    q [rows/8, cols/32, tile] with tile[v, i, c] = row 8g+i, column 32b + 4v + c (Q8_0: v < 8;
+    Q4_0: v < 4, low nibble that column, high nibble the column 16 further); d [rows/8, cols/32, 8]."""
+    r, c = w.rows, w.cols
+    if w.type not in ("Q8_0", "Q4_0") or w.layout != ROW or r % 8:
+        raise AssertionError((w.type, w.layout, r))
+    G, nb = r // 8, c // QK
+    d = np.ascontiguousarray(w.d.reshape(G, 8, nb).transpose(0, 2, 1))
+    if w.type == "Q8_0":
+        q = w.q.reshape(G, 8, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        return Weight("Q8_0", R8, r, c, np.ascontiguousarray(q).reshape(G, nb * 256), d)
+    vals = _unpack_q4(w.q, r, c).reshape(G, 8, nb, 2, 4, 4)  # [g, i, b, half, v, c]
+    lo = vals[:, :, :, 0].transpose(0, 2, 3, 1, 4)
+    hi = vals[:, :, :, 1].transpose(0, 2, 3, 1, 4)
+    q = (lo | (hi << 4)).astype(np.uint8)
+    return Weight("Q4_0", R8, r, c, np.ascontiguousarray(q).reshape(G, nb * 128), d)
+
+
+def _r8_ok(w: Weight) -> bool:
+    return w.layout == ROW and w.type in ("Q8_0", "Q4_0") and w.rows % 8 == 0
+
+
 @dataclass
 class NativeModel:
     path: Path
@@ -223,8 +250,9 @@ class NativeModel:
         return {"weights_copied": copied, "weights_mapped": mapped, "thresholds": th, "total": copied + mapped + th}
 
     @classmethod
-    def load(cls, path: str | Path, recipe: Any = None) -> "NativeModel":
-        """recipe: None = the file's own (``sparsedge.recipe``), False = dense, or a SparsityRecipe / path."""
+    def load(cls, path: str | Path, recipe: Any = None, r8: bool | None = None) -> "NativeModel":
+        """recipe: None = the file's own (``sparsedge.recipe``), False = dense, or a SparsityRecipe / path.
+        r8: lay quantized row-major weights out R8 (None: where this CPU has the SIMD kernels)."""
         from gguf import GGUFReader
 
         path = Path(path).expanduser()
@@ -272,17 +300,25 @@ class NativeModel:
         QD, KD = spec.n_heads * hd, spec.n_kv_heads * hd
         shapes = {"q": (QD, H), "k": (KD, H), "v": (KD, H), "o": (H, QD), "gate": (F, H), "up": (F, H), "down": (H, F)}
         col_sites = set(rec.sites) if rec is not None else set()
+        if r8 is None:
+            r8 = _lib.prefers_r8()
         weights: dict[str, Weight] = {}
         norms: dict[str, np.ndarray] = {}
         weights["embed"] = weight_from_raw(*raw("token_embd.weight", (spec.vocab_size, H)), spec.vocab_size, H)
         if not spec.tie_embeddings:
             weights["lm_head"] = weight_from_raw(*raw("output.weight", (spec.vocab_size, H)), spec.vocab_size, H)
+        # the LM head runs R8; a tied embedding is then looked up in the R8 tiles (no second copy)
+        head = "lm_head" if "lm_head" in weights else "embed"
+        if r8 and _r8_ok(weights[head]):
+            weights[head] = to_r8(weights[head])
         norms["norm"] = vec("output_norm.weight", H)
         for i in range(spec.n_layers):
             for canon, shape in shapes.items():
                 w = weight_from_raw(*raw(f"blk.{i}.{LAYER_TENSORS[canon]}.weight", shape), *shape)
                 if col_sites & set(COL_SITES[canon]):
                     w = to_col(w)
+                elif r8 and _r8_ok(w) and not (canon == "up" and "gate_act" in col_sites):
+                    w = to_r8(w)
                 weights[f"layers.{i}.{canon}"] = w
             norms[f"layers.{i}.attn_norm"] = vec(f"blk.{i}.attn_norm.weight", H)
             norms[f"layers.{i}.ffn_norm"] = vec(f"blk.{i}.{FFN_NORM}.weight", H)

@@ -27,9 +27,9 @@ class NativeRuntime:
     name = "native"
 
     def __init__(self, gguf_path: str | Path, threads: int | None = None, recipe: Any = None,
-                 n_ctx: int = 512, stats: bool = False):
+                 n_ctx: int = 512, stats: bool = False, r8: bool | None = None):
         self.lib = _lib.lib()
-        self.model = NativeModel.load(gguf_path, recipe=recipe)
+        self.model = NativeModel.load(gguf_path, recipe=recipe, r8=r8)
         self.spec = self.model.spec
         self.threads = int(threads) if threads else max(1, os.cpu_count() or 1)
         if self.threads < 1:

@@ -16,14 +16,27 @@
  *               blocks along cols: d [cols/32][rows]. Lossless re-layout of a ROW matrix; it lets a
  *               mat-vec skip every input channel whose activation is zero (input-thresholded sites,
  *               and the down projection behind a thresholded gate).
- * Activations for ROW quantized weights are quantized per block of 32 (int8 + float scale), and
- * dot products run in integers (AVX2: maddubs / madd), as llama.cpp's q8 dot products do.
+ *          R8   (Q8_0, Q4_0; rows a multiple of 8) eight rows interleaved, for k-token products: group
+ *               g = rows 8g..8g+7; per group and block b of 32 columns, a tile of 8 rows x 32 values
+ *               in 32-byte vectors, vector v holding 4 consecutive columns of each of the 8 rows
+ *               (byte 4*i + c = row 8g+i): Q8_0 8 vectors, columns 4v..4v+3 (256 bytes); Q4_0 4
+ *               vectors of nibbles, low nibble columns 4v..4v+3, high nibble 16+4v..16+4v+3 (128
+ *               bytes, the same low/high split as a Q4_0 block). q: [rows/8][cols/32][tile],
+ *               d: [rows/8][cols/32][8]. Lossless re-layout of a ROW matrix. One SIMD lane then
+ *               belongs to one row: a token's 4 activations broadcast to all lanes meet 8 rows at
+ *               once, per-row sums come out lane by lane (no horizontal sums), and the unpacked
+ *               tile is reused by every token of a k-token step while it sits in registers.
+ * Activations for ROW and R8 quantized weights are quantized per block of 32 (int8 + float scale),
+ * and dot products run in integers (AVX2: maddubs / madd), as llama.cpp's q8 dot products do; COL
+ * weights meet float activations (each active channel dequantized and added, axpy).
  *
  * Kernels come in a scalar version and a SIMD version (AVX2+FMA on x86-64, NEON on aarch64),
  * picked at run time from the CPU's features (__builtin_cpu_supports), never from the build
  * machine; SPARSEDGE_NATIVE_SCALAR=1 (or se_set_level(0)) forces the scalar path.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +56,7 @@
 #define SE_API __attribute__((visibility("default")))
 
 enum { SE_F32 = 0, SE_Q8_0 = 1, SE_Q4_0 = 2 };
-enum { SE_ROW = 0, SE_COL = 1 };
+enum { SE_ROW = 0, SE_COL = 1, SE_R8 = 2 };
 /* sparsity sites, in sparsedge.runtimes.torch_model.SITES order */
 enum { S_QKV = 0, S_Q = 1, S_O = 2, S_FFN = 3, S_GATE = 4, S_DOWN = 5, N_SITES = 6 };
 
@@ -93,12 +106,30 @@ typedef struct {
     /* xs[b] = xd[b] * sum(x in block b): the -8 offset of Q4_0 folded out of the integer loop */
     float (*dot_q4)(const uint8_t *w, const float *wd, const int8_t *x, const float *xd,
                     const float *xs, int nb);
-    void (*quant_q8)(const float *x, int8_t *q, float *d, float *s, int nb);
+    /* s[b] = d[b] * sum(q in block b); isum8[b] = 8 * sum(q in block b) (exact; Q4_0's offset of 8
+     * folded out of the integer sums, ready to subtract) */
+    void (*quant_q8)(const float *x, int8_t *q, float *d, float *s, int32_t *isum, int nb);
     void (*axpy_f32)(float *y, const float *x, float a, int n);
     void (*axpy_i8)(float *y, const int8_t *x, float a, int n);
     void (*axpy_q4)(float *y, const uint8_t *x, float a, int ngroups); /* 32*ngroups values q-8 */
     void (*muladd)(float *y, const float *d, const float *acc, int n);  /* y += d * acc */
     void (*axpy2_q4)(float *y, const uint8_t *x0, const uint8_t *x1, float a0, float a1, int ngroups);
+    /* k-token products, one R8 group (8 rows) against k quantized tokens (token t at xq + t*cols,
+     * scales xd + t*nb, Q4_0: xsum + t*nb = 8 * each block's int8 sum): y[t*ystride + i] = row
+     * 8g+i . x[t], i < 8 */
+    void (*r8_q4)(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                  const int32_t *xsum, int k, float *y, size_t ystride);
+    void (*r8_q8)(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
+                  float *y, size_t ystride);
+    /* one F32 row against k tokens: y[t*ystride] = w . X[t*n] */
+    void (*dotk_f32)(const float *w, const float *X, int n, int k, float *y, size_t ystride);
+    /* attention over n cache entries of width hd: out[j] = scale * q . K[j]; s[j] = exp(s[j] - mx)
+     * (-inf -> 0) returning the sum; o = sum_j p[j] V[j] */
+    void (*scores)(const float *q, const float *Kc, int n, int hd, float scale, float *out);
+    float (*softmax_exp)(float *s, int n, float mx);
+    void (*wsum)(float *o, const float *Vc, const float *p, int n, int hd);
+    void (*act_vec)(float *x, int n, int act); /* x = act(x): 0 silu, 1 gelu_tanh */
+    void (*mul8)(float *y, const float *a, const float *b); /* y[i] = a[i] * b[i], i < 8 */
 } se_kernels;
 
 static se_kernels K;
@@ -138,7 +169,7 @@ static float dot_q4_scalar(const uint8_t *w, const float *wd, const int8_t *x, c
     return s - 8.f * corr;
 }
 
-static void quant_q8_scalar(const float *x, int8_t *q, float *d, float *s, int nb) {
+static void quant_q8_scalar(const float *x, int8_t *q, float *d, float *s, int32_t *isum, int nb) {
     for (int b = 0; b < nb; b++) {
         const float *xb = x + b * QK;
         float amax = 0.f;
@@ -152,6 +183,7 @@ static void quant_q8_scalar(const float *x, int8_t *q, float *d, float *s, int n
         }
         d[b] = db;
         s[b] = db * (float)sum;
+        isum[b] = 8 * sum;
     }
 }
 
@@ -182,6 +214,73 @@ static void axpy2_q4_scalar(float *y, const uint8_t *x0, const uint8_t *x1, floa
     axpy_q4_scalar(y, x0, a0, ngroups);
     axpy_q4_scalar(y, x1, a1, ngroups);
 }
+
+static inline int32_t ld_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* R8 tiles (see the layout note at the top); the same integer sums per (row, block) as the SIMD
+ * versions, then y += (wd * xd) * sum in float */
+static void r8_q4_scalar(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                         const int32_t *xsum, int k, float *y, size_t ystride) {
+    const int cols = nb * QK;
+    for (int t = 0; t < k; t++) {
+        float acc[8] = {0};
+        const int8_t *x = xq + (size_t)t * cols;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *tile = wq + (size_t)b * 128;
+            for (int i = 0; i < 8; i++) {
+                int32_t sum = 0;
+                for (int v = 0; v < 4; v++)
+                    for (int c = 0; c < 4; c++) {
+                        uint8_t byte = tile[v * 32 + 4 * i + c];
+                        sum += (int32_t)(byte & 0x0F) * x[b * QK + 4 * v + c] + (int32_t)(byte >> 4) * x[b * QK + 16 + 4 * v + c];
+                    }
+                sum -= xsum[(size_t)t * nb + b];
+                acc[i] += wd[b * 8 + i] * xd[(size_t)t * nb + b] * (float)sum;
+            }
+        }
+        for (int i = 0; i < 8; i++) y[(size_t)t * ystride + i] = acc[i];
+    }
+}
+
+static void r8_q8_scalar(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
+                         float *y, size_t ystride) {
+    const int cols = nb * QK;
+    for (int t = 0; t < k; t++) {
+        float acc[8] = {0};
+        const int8_t *x = xq + (size_t)t * cols;
+        for (int b = 0; b < nb; b++) {
+            const int8_t *tile = wq + (size_t)b * 256;
+            for (int i = 0; i < 8; i++) {
+                int32_t sum = 0;
+                for (int v = 0; v < 8; v++)
+                    for (int c = 0; c < 4; c++) sum += (int32_t)tile[v * 32 + 4 * i + c] * x[b * QK + 4 * v + c];
+                acc[i] += wd[b * 8 + i] * xd[(size_t)t * nb + b] * (float)sum;
+            }
+        }
+        for (int i = 0; i < 8; i++) y[(size_t)t * ystride + i] = acc[i];
+    }
+}
+
+static void act_vec_scalar(float *x, int n, int act);
+
+static void mul8_scalar(float *y, const float *a, const float *b) {
+    for (int i = 0; i < 8; i++) y[i] = a[i] * b[i];
+}
+
+/* these three go through the kernel table (K, defined below), so that NEON's dot / axpy serve them */
+static void dotk_f32_generic(const float *w, const float *X, int n, int k, float *y, size_t ystride);
+static void scores_generic(const float *q, const float *Kc, int n, int hd, float scale, float *out);
+static void wsum_generic(float *o, const float *Vc, const float *p, int n, int hd);
+
+static float softmax_exp_scalar(float *s, int n, float mx) {
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) {
+        s[j] = s[j] == -INFINITY ? 0.f : expf(s[j] - mx);
+        sum += s[j];
+    }
+    return sum;
+}
+
 
 /* ---- AVX2 + FMA ---- */
 #ifdef SE_X86
@@ -264,7 +363,7 @@ AVX2 static float dot_q4_avx2(const uint8_t *w, const float *wd, const int8_t *x
     return hsum256(_mm256_add_ps(a0, a1)) - 8.f * corr;
 }
 
-AVX2 static void quant_q8_avx2(const float *x, int8_t *q, float *d, float *s, int nb) {
+AVX2 static void quant_q8_avx2(const float *x, int8_t *q, float *d, float *s, int32_t *isum, int nb) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int b = 0; b < nb; b++) {
@@ -292,6 +391,7 @@ AVX2 static void quant_q8_avx2(const float *x, int8_t *q, float *d, float *s, in
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         d[b] = db;
         s[b] = db * (float)_mm_cvtsi128_si32(s4);
+        isum[b] = 8 * _mm_cvtsi128_si32(s4);
     }
 }
 
@@ -362,6 +462,235 @@ AVX2 static void muladd_avx2(float *y, const float *d, const float *acc, int n) 
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(acc + i),
                                                 _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += d[i] * acc[i];
+}
+/* k-token R8 products. T (1..4) tokens per pass, a compile-time constant after inlining: the
+ * unpacked tile (2 registers) meets T tokens, each with an int16 and a float accumulator (8 rows
+ * in the 8 lanes), 4 + 2T + 2 <= 14 ymm registers live. */
+#define AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
+/* pins an accumulator in a register at this point: without it GCC reassociates the integer adds
+ * into a tree over all 32 maddubs of a block and spills them to the stack (2x slower) */
+#define SE_PIN(v) __asm__("" : "+x"(v))
+
+AVX2_INLINE void r8_q4_tile_avx2(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                                 const int32_t *xsum, const int T, float *y, size_t ystride) {
+    const int cols = nb * QK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tile = wq + (size_t)b * 128;
+        __m256i a16[4];
+        for (int t = 0; t < T; t++) a16[t] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 32 * v));
+            __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            /* int16 lanes: 8 maddubs of (nibble 0..15) x (int8, |x| <= 127) pairs, at most
+             * 8 * 2 * 15 * 127 = 30480 in magnitude: no overflow before the madd to int32 */
+            for (int t = 0; t < T; t++) {
+                const int8_t *xb = xq + (size_t)t * cols + b * QK + 4 * v;
+                a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld_i32(xb))));
+                a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld_i32(xb + 16))));
+                SE_PIN(a16[t]);
+            }
+        }
+        const __m256 dv = _mm256_loadu_ps(wd + (size_t)b * 8);
+        for (int t = 0; t < T; t++) {
+            /* sum (q - 8) x = sum q x - 8 sum x, exact in int32 */
+            __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(a16[t], ones), _mm256_set1_epi32(xsum[(size_t)t * nb + b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(xd[(size_t)t * nb + b])),
+                                     _mm256_cvtepi32_ps(s32), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(y + (size_t)t * ystride, acc[t]);
+}
+
+AVX2 static void r8_q4_avx2(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                            const int32_t *xsum, int k, float *y, size_t ystride) {
+    const size_t cols = (size_t)nb * QK;
+    int t = 0;
+    for (; t + 4 <= k; t += 4)
+        r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 4, y + t * ystride, ystride);
+    switch (k - t) {
+    case 3: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 3, y + t * ystride, ystride); break;
+    case 2: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 2, y + t * ystride, ystride); break;
+    case 1: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 1, y + t * ystride, ystride); break;
+    }
+}
+
+AVX2_INLINE void r8_q8_tile_avx2(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                                 const int T, float *y, size_t ystride) {
+    const int cols = nb * QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *tile = wq + (size_t)b * 256;
+        __m256i a32[4];
+        for (int t = 0; t < T; t++) a32[t] = _mm256_setzero_si256();
+        for (int v = 0; v < 8; v++) {
+            /* maddubs needs one unsigned operand: |w|, with w's sign moved onto x; a pair sums to at
+             * most 2 * 127 * 127, so each maddubs goes to int32 at once */
+            __m256i w = _mm256_loadu_si256((const __m256i *)(tile + 32 * v));
+            __m256i aw = _mm256_sign_epi8(w, w);
+            for (int t = 0; t < T; t++) {
+                __m256i xv = _mm256_set1_epi32(ld_i32(xq + (size_t)t * cols + b * QK + 4 * v));
+                a32[t] = _mm256_add_epi32(a32[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones));
+                SE_PIN(a32[t]);
+            }
+        }
+        const __m256 dv = _mm256_loadu_ps(wd + (size_t)b * 8);
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(xd[(size_t)t * nb + b])),
+                                     _mm256_cvtepi32_ps(a32[t]), acc[t]);
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(y + (size_t)t * ystride, acc[t]);
+}
+
+AVX2 static void r8_q8_avx2(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
+                            float *y, size_t ystride) {
+    const size_t cols = (size_t)nb * QK;
+    int t = 0;
+    for (; t + 4 <= k; t += 4) r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 4, y + t * ystride, ystride);
+    switch (k - t) {
+    case 3: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 3, y + t * ystride, ystride); break;
+    case 2: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 2, y + t * ystride, ystride); break;
+    case 1: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 1, y + t * ystride, ystride); break;
+    }
+}
+
+/* one F32 row against 4 tokens per pass: each weight vector loaded once for the 4 */
+AVX2 static void dotk_f32_avx2(const float *w, const float *X, int n, int k, float *y, size_t ystride) {
+    int t = 0;
+    for (; t + 4 <= k; t += 4) {
+        const float *x0 = X + (size_t)t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 wv = _mm256_loadu_ps(w + i);
+            a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
+            a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);
+            a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
+            a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
+        }
+        float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
+        for (; i < n; i++) { s0 += w[i] * x0[i]; s1 += w[i] * x1[i]; s2 += w[i] * x2[i]; s3 += w[i] * x3[i]; }
+        y[(size_t)t * ystride] = s0; y[(size_t)(t + 1) * ystride] = s1;
+        y[(size_t)(t + 2) * ystride] = s2; y[(size_t)(t + 3) * ystride] = s3;
+    }
+    for (; t < k; t++) y[(size_t)t * ystride] = dot_f32_avx2(w, X + (size_t)t * n, n);
+}
+
+/* 4 cache entries per pass: 4 dot products reduced together with hadd (one store of 4 scores) */
+AVX2 static void scores_avx2(const float *q, const float *Kc, int n, int hd, float scale, float *out) {
+    int j = 0;
+    if (hd % 8 == 0) {
+        const __m128 vs = _mm_set1_ps(scale);
+        for (; j + 4 <= n; j += 4) {
+            const float *k0 = Kc + (size_t)j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+            }
+            /* hadd(hadd(a0,a1), hadd(a2,a3)): low half [a0..a3 lanes 0-3], high half lanes 4-7 */
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(out + j, _mm_mul_ps(r, vs));
+        }
+    }
+    for (; j < n; j++) out[j] = dot_f32_avx2(q, Kc + (size_t)j * hd, hd) * scale;
+}
+
+/* exp for 8 floats (Cephes expf: x = n ln2 + r, degree-6 polynomial of r, 2^n in the exponent
+ * bits); relative error ~1e-7 over the softmax range x <= 0 */
+AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AVX2 static float softmax_exp_avx2(float *s, int n, float mx) {
+    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_loadu_ps(s + j);
+        __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(v, vmx)));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum256(acc);
+    for (; j < n; j++) {
+        s[j] = s[j] == -INFINITY ? 0.f : expf(s[j] - mx);
+        sum += s[j];
+    }
+    return sum;
+}
+
+AVX2 static void mul8_avx2(float *y, const float *a, const float *b) {
+    _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b)));
+}
+
+/* SiLU x / (1 + e^-x); GELU (tanh form) with tanh z = 1 - 2 / (1 + e^2z); exp256 clamps its
+ * argument, so both saturate correctly for large |x| */
+AVX2 static void act_vec_avx2(float *x, int n, int act) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), r;
+        if (act == 0) {
+            r = _mm256_div_ps(v, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
+        } else {
+            __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                     _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+            __m256 th = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(one, exp256(_mm256_add_ps(z, z)))));
+            r = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th));
+        }
+        _mm256_storeu_ps(x + i, r);
+    }
+    for (; i < n; i++) {
+        if (act == 0) x[i] = x[i] / (1.f + expf(-x[i]));
+        else x[i] = 0.5f * x[i] * (1.f + tanhf(0.7978845608028654f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+    }
+}
+
+/* o = sum_j p[j] V[j], 32 output values held in 4 registers across all entries */
+AVX2 static void wsum_avx2(float *o, const float *Vc, const float *p, int n, int hd) {
+    if (hd % 32) {
+        memset(o, 0, sizeof(float) * hd);
+        for (int j = 0; j < n; j++)
+            if (p[j] != 0.f) axpy_f32_avx2(o, Vc + (size_t)j * hd, p[j], hd);
+        return;
+    }
+    for (int d = 0; d < hd; d += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            if (p[j] == 0.f) continue; /* masked entries: nothing to add */
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *v = Vc + (size_t)j * hd + d;
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(o + d, a0); _mm256_storeu_ps(o + d + 8, a1);
+        _mm256_storeu_ps(o + d + 16, a2); _mm256_storeu_ps(o + d + 24, a3);
+    }
 }
 #endif /* SE_X86 */
 
@@ -439,7 +768,9 @@ SE_API int se_set_level(int level) {
         level = (e && *e && strcmp(e, "0") != 0) ? 0 : 99;
     }
     se_kernels k = {dot_f32_scalar, dot_q8_scalar, dot_q4_scalar, quant_q8_scalar,
-                    axpy_f32_scalar, axpy_i8_scalar, axpy_q4_scalar, muladd_scalar, axpy2_q4_scalar};
+                    axpy_f32_scalar, axpy_i8_scalar, axpy_q4_scalar, muladd_scalar, axpy2_q4_scalar,
+                    r8_q4_scalar, r8_q8_scalar, dotk_f32_generic, scores_generic, softmax_exp_scalar,
+                    wsum_generic, act_vec_scalar, mul8_scalar};
     int got = 0;
 #ifdef SE_X86
     if (level >= 1) {
@@ -448,6 +779,9 @@ SE_API int se_set_level(int level) {
             k.dot_f32 = dot_f32_avx2; k.dot_q8 = dot_q8_avx2; k.dot_q4 = dot_q4_avx2;
             k.quant_q8 = quant_q8_avx2; k.axpy_f32 = axpy_f32_avx2; k.axpy_i8 = axpy_i8_avx2;
             k.axpy_q4 = axpy_q4_avx2; k.muladd = muladd_avx2; k.axpy2_q4 = axpy2_q4_avx2;
+            k.r8_q4 = r8_q4_avx2; k.r8_q8 = r8_q8_avx2; k.dotk_f32 = dotk_f32_avx2;
+            k.scores = scores_avx2; k.softmax_exp = softmax_exp_avx2; k.wsum = wsum_avx2;
+            k.act_vec = act_vec_avx2; k.mul8 = mul8_avx2;
             got = 1;
         }
     }
@@ -466,6 +800,31 @@ SE_API int se_set_level(int level) {
 
 static inline void ensure_kernels(void) {
     if (K_level < 0) se_set_level(-1);
+}
+
+static void dotk_f32_generic(const float *w, const float *X, int n, int k, float *y, size_t ystride) {
+    for (int t = 0; t < k; t++) y[(size_t)t * ystride] = K.dot_f32(w, X + (size_t)t * n, n);
+}
+
+static void scores_generic(const float *q, const float *Kc, int n, int hd, float scale, float *out) {
+    for (int j = 0; j < n; j++) out[j] = K.dot_f32(q, Kc + (size_t)j * hd, hd) * scale;
+}
+
+static void wsum_generic(float *o, const float *Vc, const float *p, int n, int hd) {
+    memset(o, 0, sizeof(float) * hd);
+    for (int j = 0; j < n; j++)
+        if (p[j] != 0.f) K.axpy_f32(o, Vc + (size_t)j * hd, p[j], hd);
+}
+
+/* whether this CPU has SIMD R8 kernels (the loader lays weights out R8 only then; NEON keeps ROW,
+ * whose per-row dots it has). A forced scalar path runs R8 weights with the scalar R8 kernels. */
+SE_API int se_prefers_r8(void) {
+#ifdef SE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
 }
 
 SE_API int se_level(void) {
@@ -503,6 +862,7 @@ static inline int thread_count(void) {
 typedef struct {
     int8_t *q;
     float *d, *s;
+    int32_t *sum; /* 8 * the int8 sum per block (quant_q8's isum) */
 } se_qact;
 
 static void quantize_rows(const float *X, int k, int cols, se_qact *qa) {
@@ -511,7 +871,7 @@ static void quantize_rows(const float *X, int k, int cols, se_qact *qa) {
 #pragma omp for schedule(static)
 #endif
     for (int t = 0; t < k; t++) K.quant_q8(X + (size_t)t * cols, qa->q + (size_t)t * cols, qa->d + (size_t)t * nb,
-                                           qa->s + (size_t)t * nb, nb);
+                                           qa->s + (size_t)t * nb, qa->sum + (size_t)t * nb, nb);
 }
 
 /* Y[t][r] = W[r,:] . X[t] for ROW layout; rowmask (k x rows, or NULL): skip rows, Y = 0 there.
@@ -542,6 +902,18 @@ static void mm_row(const se_mat *W, int k, const float *X, const se_qact *qa, fl
     }
 }
 
+/* the next block's active columns are scattered: ask for them while this block computes */
+static inline void prefetch_next_cols(const se_mat *W, const float *x, int cb, int cols, int rows, int r0, int n) {
+    if (cb + QK >= cols) return;
+    const int ne = cb + 2 * QK < cols ? cb + 2 * QK : cols;
+    const size_t esz = W->type == SE_F32 ? 8 : W->type == SE_Q8_0 ? 2 : 1; /* bytes per 2 values */
+    for (int c = cb + QK; c < ne; c++)
+        if (x[c] != 0.f) {
+            const char *p = (const char *)W->q + ((size_t)c * rows + r0) * esz / 2;
+            for (size_t o = 0; o < (size_t)n * esz / 2; o += 64) __builtin_prefetch(p + o, 0, 0);
+        }
+}
+
 /* Y[t] = W X[t] for COL layout, skipping every input channel c with X[t][c] == 0: each thread owns a
  * range of output rows (groups of 32) and walks the input channels block by block; the block's
  * columns stay in cache while every token's active channels of that block are added.
@@ -569,16 +941,7 @@ static void mm_col(const se_mat *W, int k, const float *X, float *Y, float *acc)
                 int act[QK], na = 0;
                 for (int c = cb; c < ce; c++)
                     if (x[c] != 0.f) act[na++] = c;
-                /* the next block's active columns are scattered: ask for them while this block computes */
-                if (cb + QK < cols) {
-                    const int ne = cb + 2 * QK < cols ? cb + 2 * QK : cols;
-                    const size_t esz = W->type == SE_Q8_0 ? 2 : 1; /* bytes per 2 values */
-                    for (int c = cb + QK; c < ne; c++)
-                        if (x[c] != 0.f) {
-                            const char *p = (const char *)W->q + ((size_t)c * rows + r0) * esz / 2;
-                            for (size_t o = 0; o < (size_t)n * esz / 2; o += 64) __builtin_prefetch(p + o, 0, 0);
-                        }
-                }
+                prefetch_next_cols(W, x, cb, cols, rows, r0, n);
                 if (!na) continue;
                 memset(acc, 0, sizeof(float) * n);
                 if (W->type == SE_Q8_0) {
@@ -611,26 +974,14 @@ static void rmsnorm_row(float *y, const float *x, const float *w, int n, float e
     for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
 }
 
-static void rope_row(float *x, int n_heads, int hd, int pos, float theta, float factor, int neox) {
-    const int half = hd / 2;
-    for (int j = 0; j < half; j++) {
-        float inv = 1.f / powf(theta, (float)(2 * j) / (float)hd);
-        float ang = ((float)pos / factor) * inv;
-        float c = cosf(ang), s = sinf(ang);
-        for (int h = 0; h < n_heads; h++) {
-            float *v = x + h * hd;
-            int i0 = neox ? j : 2 * j, i1 = neox ? j + half : 2 * j + 1;
-            float a = v[i0], b = v[i1];
-            v[i0] = a * c - b * s;
-            v[i1] = b * c + a * s;
-        }
-    }
-}
-
 static inline float act_fn(float x, int act) {
     if (act == 0) return x / (1.f + expf(-x));
     const float k0 = 0.7978845608028654f; /* sqrt(2/pi) */
     return 0.5f * x * (1.f + tanhf(k0 * (x + 0.044715f * x * x * x)));
+}
+
+static void act_vec_scalar(float *x, int n, int act) {
+    for (int i = 0; i < n; i++) x[i] = act_fn(x[i], act);
 }
 
 /* x -> x * (|x| >= t); returns the number of zeroed entries */
@@ -647,6 +998,26 @@ static int64_t threshold_row(float *x, int n, const float *t, int tn) {
 
 static void dequant_row(const se_mat *W, int r, float *y) {
     const int cols = W->cols, nb = cols / QK;
+    if (W->layout == SE_R8) {
+        const int g = r / 8, i = r % 8;
+        for (int b = 0; b < nb; b++) {
+            const float d = W->d[((size_t)g * nb + b) * 8 + i];
+            if (W->type == SE_Q8_0) {
+                const int8_t *tile = (const int8_t *)W->q + ((size_t)g * nb + b) * 256;
+                for (int v = 0; v < 8; v++)
+                    for (int c = 0; c < 4; c++) y[b * QK + 4 * v + c] = d * (float)tile[v * 32 + 4 * i + c];
+            } else {
+                const uint8_t *tile = (const uint8_t *)W->q + ((size_t)g * nb + b) * 128;
+                for (int v = 0; v < 4; v++)
+                    for (int c = 0; c < 4; c++) {
+                        uint8_t byte = tile[v * 32 + 4 * i + c];
+                        y[b * QK + 4 * v + c] = d * (float)((int)(byte & 0x0F) - 8);
+                        y[b * QK + 16 + 4 * v + c] = d * (float)((int)(byte >> 4) - 8);
+                    }
+            }
+        }
+        return;
+    }
     if (W->type == SE_F32) {
         memcpy(y, (const float *)W->q + (size_t)r * cols, sizeof(float) * cols);
     } else if (W->type == SE_Q8_0) {
@@ -692,11 +1063,12 @@ static inline void site_row(const se_layer *L, int site, float *x, int width, se
     count_site(st, site, width, z);
 }
 
-static inline int needs_q8(const se_mat *W) { return W->layout == SE_ROW && W->type != SE_F32; }
+static inline int needs_q8(const se_mat *W) { return W->layout != SE_COL && W->type != SE_F32; }
 
 static inline void quant_token(const float *X, int t, int cols, se_qact *qa) {
     const int nb = cols / QK;
-    K.quant_q8(X + (size_t)t * cols, qa->q + (size_t)t * cols, qa->d + (size_t)t * nb, qa->s + (size_t)t * nb, nb);
+    K.quant_q8(X + (size_t)t * cols, qa->q + (size_t)t * cols, qa->d + (size_t)t * nb, qa->s + (size_t)t * nb,
+               qa->sum + (size_t)t * nb, nb);
 }
 
 static inline float row_dot(const se_mat *W, int r, const float *x, const se_qact *qa, int t) {
@@ -713,24 +1085,90 @@ static inline float row_dot(const se_mat *W, int r, const float *x, const se_qac
     }
 }
 
-/* several ROW matrices in one work-shared loop (one barrier): Y_i[t] = W_i X_i[t] */
-static void mm_rows_multi(int n, const se_mat *const *W, const float *const *X, se_qact *const *qa,
-                          float *const *Y, int k) {
-    int total = 0;
-    for (int i = 0; i < n; i++) total += W[i]->rows;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int rr = 0; rr < total; rr++) {
-        int i = 0, r = rr;
-        while (r >= W[i]->rows) r -= W[i++]->rows;
-        for (int t = 0; t < k; t++) Y[i][(size_t)t * W[i]->rows + r] = row_dot(W[i], r, X[i], qa[i], t);
+/* one unit of mm_rows_multi: an R8 group of 8 rows, or one ROW row, against all k tokens; the
+ * unit's weights are read from memory once and reused from registers / L1 by every token */
+/* R8 group u against k tokens: y[t*ystride + i] = row 8u+i . x[t] */
+static inline void r8_unit(const se_mat *W, int u, const se_qact *qa, float *y, size_t ystride, int k) {
+    const int nb = W->cols / QK;
+    if (W->type == SE_Q4_0)
+        K.r8_q4((const uint8_t *)W->q + (size_t)u * nb * 128, W->d + (size_t)u * nb * 8, nb, qa->q, qa->d,
+                qa->sum, k, y, ystride);
+    else
+        K.r8_q8((const int8_t *)W->q + (size_t)u * nb * 256, W->d + (size_t)u * nb * 8, nb, qa->q, qa->d, k,
+                y, ystride);
+}
+
+static inline void rows_unit(const se_mat *W, int u, const float *X, const se_qact *qa, float *Y, int k) {
+    const int rows = W->rows, cols = W->cols;
+    if (W->layout == SE_R8) {
+        r8_unit(W, u, qa, Y + (size_t)u * 8, rows, k);
+    } else if (W->type == SE_F32) {
+        K.dotk_f32((const float *)W->q + (size_t)u * cols, X, cols, k, Y + u, rows);
+    } else {
+        for (int t = 0; t < k; t++) Y[(size_t)t * rows + u] = row_dot(W, u, X, qa, t);
     }
 }
 
-/* The FFN's gate/up stage for ROW gate and up, fused per neuron: g = act(gate . x), gate_act
- * threshold, up only where g survives (each token its own active set), m = g * u, down_in
- * threshold. M: [k][F] input of the down projection. */
+static inline int n_units(const se_mat *W) { return W->layout == SE_R8 ? W->rows / 8 : W->rows; }
+
+/* several ROW / R8 matrices in one work-shared loop (one barrier): Y_i[t] = W_i X_i[t] */
+static void mm_rows_multi(int n, const se_mat *const *W, const float *const *X, se_qact *const *qa,
+                          float *const *Y, int k) {
+    int total = 0;
+    for (int i = 0; i < n; i++) total += n_units(W[i]);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int uu = 0; uu < total; uu++) {
+        int i = 0, u = uu;
+        while (u >= n_units(W[i])) u -= n_units(W[i++]);
+        rows_unit(W[i], u, X[i], qa[i], Y[i], k);
+    }
+}
+
+/* The FFN's gate/up stage for an R8 gate, fused per group of 8 neurons (no barrier between the
+ * matmuls and the elementwise work): gate tile -> act -> gate_act threshold -> up (an R8 tile, or,
+ * for a gate-thresholded recipe, a ROW up computed only on the rows each token kept) -> product ->
+ * down_in threshold. X/qa: this thread's copy of the normed input; gt, ut: per-thread scratch
+ * [k][8]; M: [k][F] shared, the down projection's input. */
+static void ffn_r8_fused(const se_model *m, const se_layer *L, int k, const float *X, const se_qact *qa,
+                         float *gt, float *ut, float *M, se_stats *st) {
+    const int F = m->ffn;
+    const float *tg = L->th[S_GATE], *td = L->th[S_DOWN];
+    const int tgn = L->th_n[S_GATE], tdn = L->th_n[S_DOWN];
+    const int up_r8 = L->up.layout == SE_R8;
+    int64_t zg = 0, zd = 0;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int u = 0; u < F / 8; u++) {
+        r8_unit(&L->gate, u, qa, gt, 8, k);
+        K.act_vec(gt, 8 * k, m->act);
+        if (up_r8) r8_unit(&L->up, u, qa, ut, 8, k);
+        if (up_r8 && !tg && !td) { /* dense: m = act(g) * u, 8 neurons at a time */
+            for (int t = 0; t < k; t++) K.mul8(M + (size_t)t * F + 8 * u, gt + t * 8, ut + t * 8);
+            continue;
+        }
+        for (int t = 0; t < k; t++) {
+            for (int i = 0; i < 8; i++) {
+                const int r = 8 * u + i;
+                float g = gt[t * 8 + i];
+                if (tg && !(fabsf(g) >= tg[tgn == 1 ? 0 : r])) { M[(size_t)t * F + r] = 0.f; zg++; if (td) zd++; continue; }
+                float v = g * (up_r8 ? ut[t * 8 + i] : row_dot(&L->up, r, X, qa, t));
+                if (td && !(fabsf(v) >= td[tdn == 1 ? 0 : r])) { v = 0.f; zd++; }
+                M[(size_t)t * F + r] = v;
+            }
+        }
+    }
+    if (tg) count_site(st, S_GATE, thread_id() == 0 ? (int64_t)k * F : 0, zg);
+    if (td) count_site(st, S_DOWN, thread_id() == 0 ? (int64_t)k * F : 0, zd);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+/* The same for a ROW gate and up with a gate threshold (CPUs without R8 kernels): per neuron,
+ * g = act(gate . x), then up only where g survives. */
 static void ffn_gate_up_fused(const se_model *m, const se_layer *L, int k, const float *X, const se_qact *qa,
                               float *M, se_stats *st) {
     const int F = m->ffn;
@@ -749,15 +1187,91 @@ static void ffn_gate_up_fused(const se_model *m, const se_layer *L, int k, const
             M[(size_t)t * F + r] = v;
         }
     }
-    if (tg) count_site(st, S_GATE, 0, zg);
-    if (td) count_site(st, S_DOWN, 0, zd);
+    if (tg) count_site(st, S_GATE, thread_id() == 0 ? (int64_t)k * F : 0, zg);
+    if (td) count_site(st, S_DOWN, thread_id() == 0 ? (int64_t)k * F : 0, zd);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp single
 #endif
-    {
-        if (tg) count_site(st, S_GATE, (int64_t)k * F, 0);
-        if (td) count_site(st, S_DOWN, (int64_t)k * F, 0);
+}
+
+/* RoPE angles of one token: cs[2j] = cos, cs[2j+1] = sin of pos/factor * theta^(-2j/hd), j < hd/2 */
+static void rope_table(float *cs, int hd, int pos, float theta, float factor) {
+    for (int j = 0; j < hd / 2; j++) {
+        float inv = 1.f / powf(theta, (float)(2 * j) / (float)hd);
+        float ang = ((float)pos / factor) * inv;
+        cs[2 * j] = cosf(ang);
+        cs[2 * j + 1] = sinf(ang);
+    }
+}
+
+static void rope_apply(float *x, int n_heads, int hd, const float *cs, int neox) {
+    const int half = hd / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + h * hd;
+        for (int j = 0; j < half; j++) {
+            const float c = cs[2 * j], s = cs[2 * j + 1];
+            int i0 = neox ? j : 2 * j, i1 = neox ? j + half : 2 * j + 1;
+            float a = v[i0], b = v[i1];
+            v[i0] = a * c - b * s;
+            v[i1] = b * c + a * s;
+        }
+    }
+}
+
+/* optional phase timers (se_profile): thread 0's CPU time per phase of se_forward, summed over
+ * calls (a barrier's passive wait costs none, so a phase counts thread 0's own share of it) */
+enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_DOWN, P_HEAD, N_PROF };
+static int prof_on = 0;
+static double prof_acc[N_PROF];
+
+SE_API void se_profile(int on, double *out) {
+    if (out) memcpy(out, prof_acc, sizeof(prof_acc));
+    if (on >= 0) {
+        prof_on = on;
+        memset(prof_acc, 0, sizeof(prof_acc));
+    }
+}
+
+/* thread 0's CPU time, not wall time: on a CPU shared with other jobs, wall time mostly measures
+ * the scheduler, and a thread asleep at a barrier spends no CPU */
+static inline double wtime(void) {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#else
+    return 0.0;
+#endif
+}
+#define PROF(phase)                                                                            \
+    do {                                                                                       \
+        if (prof_on && tid == 0) {                                                             \
+            double now_ = wtime();                                                             \
+            prof_acc[phase] += now_ - prof_last;                                               \
+            prof_last = now_;                                                                  \
+        }                                                                                      \
+    } while (0)
+
+/* the residual stream and every per-token step that is cheap (norms, thresholds, activation
+ * quantization) live in per-thread copies: each thread computes them for all k tokens itself, so
+ * that only the work-shared products need a barrier (6 per layer). With threads that sleep at
+ * barriers (OMP_WAIT_POLICY=PASSIVE on a shared CPU) every barrier can cost a wake-up. */
+typedef struct {
+    float *x, *h, *hq, *ao, *tmp, *acc, *gt, *ut;
+    se_qact qa, qb;
+} se_tbuf;
+
+/* x += f for every token (f through the previous layer's post-FFN norm in sandwich models) */
+static void add_residual(const se_model *m, const float *postnorm, int k, float *x, const float *f, float *tmp) {
+    const int H = m->hidden;
+    for (int t = 0; t < k; t++) {
+        const float *ft = f + (size_t)t * H;
+        float *xt = x + (size_t)t * H;
+        if (postnorm) {
+            rmsnorm_row(tmp, ft, postnorm, H, m->eps);
+            ft = tmp;
+        }
+        for (int i = 0; i < H; i++) xt[i] += ft[i];
     }
 }
 
@@ -770,62 +1284,75 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
     const int QD = nh * hd, KD = nkv * hd, V = m->vocab;
     const int n0 = c->n, total = c->n + k;
     if (total > c->cap) return 2;
-    int widest = H > F ? H : F;
-    if (QD > widest) widest = QD;
-    if (V > widest) widest = V;
+    int wq = H > F ? H : F; /* widest quantized activation row */
+    if (QD > wq) wq = QD;
     const int nthr = nthreads > 0 ? nthreads : 1;
-    size_t need = (size_t)k * H * 4 + (size_t)k * QD * 2 + (size_t)k * KD * 2 + (size_t)k * F * 3 +
-                  (size_t)k * nh * total + (size_t)nthr * widest;
-    size_t qn = (size_t)k * widest;
-    float *buf = (float *)malloc(sizeof(float) * need);
-    int8_t *qbuf = (int8_t *)malloc(qn * 2 + 64);
-    float *qsc = (float *)malloc(sizeof(float) * (qn / QK + 8) * 4);
-    if (!buf || !qbuf || !qsc) {
-        free(buf); free(qbuf); free(qsc);
+    /* shared: q, att [k][QD]; kk, vv [k][KD]; g, u, mm [k][F]; f [k][H]; scores; RoPE table */
+    const size_t shared_n = (size_t)k * (2 * QD + 2 * KD + 3 * F + H) + (size_t)k * nh * total + (size_t)k * hd;
+    /* per thread: x, h, hq, tmp [k][H]; ao [k][QD]; acc [wq]; gt, ut [k][8] */
+    const size_t thr_n = (size_t)k * (4 * H + QD) + wq + (size_t)k * 16 + 16;
+    const size_t thr_q = (size_t)k * (wq + H) + 64, thr_nb = thr_q / QK + 8;
+    float *buf = (float *)malloc(sizeof(float) * (shared_n + thr_n * nthr));
+    int8_t *qbuf = (int8_t *)malloc(thr_q * nthr);
+    float *qsc = (float *)malloc(sizeof(float) * thr_nb * 2 * nthr);
+    int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * thr_nb * nthr);
+    if (!buf || !qbuf || !qsc || !qsum) {
+        free(buf); free(qbuf); free(qsc); free(qsum);
         return 1;
     }
-    float *x = buf, *h = x + (size_t)k * H, *hq = h + (size_t)k * H, *f = hq + (size_t)k * H;
-    float *q = f + (size_t)k * H, *att = q + (size_t)k * QD;
-    float *kk = att + (size_t)k * QD, *vv = kk + (size_t)k * KD;
-    float *g = vv + (size_t)k * KD, *u = g + (size_t)k * F, *mm = u + (size_t)k * F;
-    float *scores = mm + (size_t)k * F, *accs = scores + (size_t)k * nh * total;
-    /* two quantized-activation buffers: qa (h, att, mm, final norm) and qb (q_in's copy of h) */
-    se_qact qa = {qbuf, qsc, qsc + (qn / QK + 8)};
-    se_qact qb = {qbuf + qn, qsc + 2 * (qn / QK + 8), qsc + 3 * (qn / QK + 8)};
+    float *q = buf, *att = q + (size_t)k * QD, *kk = att + (size_t)k * QD, *vv = kk + (size_t)k * KD;
+    float *g = vv + (size_t)k * KD, *u = g + (size_t)k * F, *mm = u + (size_t)k * F, *f = mm + (size_t)k * F;
+    float *scores = f + (size_t)k * H, *ropecs = scores + (size_t)k * nh * total;
     const int group = nh / nkv;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
     {
-        float *acc = accs + (size_t)thread_id() * widest;
-        OMP_FOR
+        const int tid = thread_id();
+        double prof_last = prof_on ? wtime() : 0.0;
+        se_stats *st0 = tid == 0 ? stats : NULL; /* thread-local steps are counted once */
+        se_tbuf T;
+        {
+            float *p = buf + shared_n + thr_n * tid;
+            T.x = p; T.h = p + (size_t)k * H; T.hq = T.h + (size_t)k * H; T.tmp = T.hq + (size_t)k * H;
+            T.ao = T.tmp + (size_t)k * H; T.acc = T.ao + (size_t)k * QD; T.gt = T.acc + wq; T.ut = T.gt + (size_t)k * 8;
+            int8_t *qp = qbuf + thr_q * tid;
+            float *sp = qsc + thr_nb * 2 * tid;
+            int32_t *ip = qsum + thr_nb * tid;
+            const size_t nba = (size_t)k * wq / QK;
+            T.qa = (se_qact){qp, sp, sp + thr_nb, ip};
+            T.qb = (se_qact){qp + (size_t)k * wq, sp + nba, sp + thr_nb + nba, ip + nba};
+        }
+        float *x = T.x, *h = T.h, *hq = T.hq, *acc = T.acc;
+        se_qact *qa = &T.qa, *qb = &T.qb;
         for (int t = 0; t < k; t++) {
             dequant_row(&m->embed, tokens[t], x + (size_t)t * H);
             if (m->embed_scale != 1.f)
                 for (int i = 0; i < H; i++) x[(size_t)t * H + i] *= m->embed_scale;
         }
+        PROF(P_EMBED);
         for (int l = 0; l < m->n_layers; l++) {
             const se_layer *L = &m->layers[l];
             const int q_sep = L->th[S_Q] != NULL;
-            /* A: (residual of the previous FFN), attention norm, qkv_in / q_in thresholds, quantize */
-            OMP_FOR
+            /* the RoPE table is recomputed only where the base changes (Gemma 3: local / global) */
+            const int new_rope = l == 0 || L->theta != m->layers[l - 1].theta;
+            /* A (thread-local): residual of the previous FFN, attention norm, qkv_in / q_in
+             * thresholds, quantize */
+            if (l > 0) add_residual(m, m->sandwich ? m->layers[l - 1].post_ffn_norm : NULL, k, x, f, T.tmp);
             for (int t = 0; t < k; t++) {
                 float *xt = x + (size_t)t * H, *ht = h + (size_t)t * H;
-                if (l > 0) {
-                    const float *ft = f + (size_t)t * H;
-                    for (int i = 0; i < H; i++) xt[i] += ft[i];
-                }
                 rmsnorm_row(ht, xt, L->attn_norm, H, m->eps);
-                site_row(L, S_QKV, ht, H, stats);
-                if (needs_q8(&L->k) || needs_q8(&L->v) || (!q_sep && needs_q8(&L->q))) quant_token(h, t, H, &qa);
+                site_row(L, S_QKV, ht, H, st0);
+                if (needs_q8(&L->k) || needs_q8(&L->v) || (!q_sep && needs_q8(&L->q))) quant_token(h, t, H, qa);
                 if (q_sep) {
                     memcpy(hq + (size_t)t * H, ht, sizeof(float) * H);
-                    site_row(L, S_Q, hq + (size_t)t * H, H, stats);
-                    if (needs_q8(&L->q)) quant_token(hq, t, H, &qb);
+                    site_row(L, S_Q, hq + (size_t)t * H, H, st0);
+                    if (needs_q8(&L->q)) quant_token(hq, t, H, qb);
                 }
             }
-            /* B: q, k, v (ROW ones in one loop) */
+            PROF(P_NORM);
+            /* B: q, k, v (ROW / R8 ones in one loop) */
             {
                 const se_mat *W[3];
                 const float *X[3];
@@ -839,21 +1366,24 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                     if (all[i]->layout == SE_COL) {
                         mm_col(all[i], k, xin, outs[i], acc);
                     } else {
-                        W[n] = all[i]; X[n] = xin; QA[n] = (i == 0 && q_sep) ? &qb : &qa; Y[n] = outs[i]; n++;
+                        W[n] = all[i]; X[n] = xin; QA[n] = (i == 0 && q_sep) ? qb : qa; Y[n] = outs[i]; n++;
                     }
                 }
                 if (n) mm_rows_multi(n, W, X, QA, Y, k);
             }
+            PROF(P_QKV);
             /* C: q/k norms, RoPE, append to the cache */
             OMP_FOR
             for (int t = 0; t < k; t++) {
                 float *qt = q + (size_t)t * QD, *kt = kk + (size_t)t * KD, *vt = vv + (size_t)t * KD;
+                float *cs = ropecs + (size_t)t * hd;
                 if (m->qk_norm) {
                     for (int i = 0; i < nh; i++) rmsnorm_row(qt + i * hd, qt + i * hd, L->q_norm, hd, m->eps);
                     for (int i = 0; i < nkv; i++) rmsnorm_row(kt + i * hd, kt + i * hd, L->k_norm, hd, m->eps);
                 }
-                rope_row(qt, nh, hd, pos[t], L->theta, m->rope_factor, m->rope_neox);
-                rope_row(kt, nkv, hd, pos[t], L->theta, m->rope_factor, m->rope_neox);
+                if (new_rope) rope_table(cs, hd, pos[t], L->theta, m->rope_factor);
+                rope_apply(qt, nh, hd, cs, m->rope_neox);
+                rope_apply(kt, nkv, hd, cs, m->rope_neox);
                 for (int i = 0; i < nkv; i++) {
                     size_t off = (((size_t)l * nkv + i) * c->cap + n0 + t) * hd;
                     memcpy(c->kc + off, kt + i * hd, sizeof(float) * hd);
@@ -861,7 +1391,10 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 }
                 if (l == 0) c->pos[n0 + t] = pos[t];
             }
-            /* D: attention, each (token, head) over every earlier entry plus its visible new ones */
+            PROF(P_ROPE);
+            /* D: attention, each (token, head) over every earlier entry plus its visible new ones:
+             * scores for all entries (4 per SIMD pass), the invisible ones then set to -inf,
+             * vectorized exp, and o = sum p V with the output row held in registers */
 #ifdef _OPENMP
 #pragma omp for collapse(2) schedule(static)
 #endif
@@ -872,90 +1405,86 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                     const float *Kc = c->kc + ((size_t)l * nkv + kvh) * c->cap * hd;
                     const float *Vc = c->vc + ((size_t)l * nkv + kvh) * c->cap * hd;
                     float *sc = scores + ((size_t)t * nh + i) * total;
+                    K.scores(qv, Kc, total, hd, m->scale, sc);
+                    for (int j = n0; j < total; j++)
+                        if (!mask[(size_t)t * k + (j - n0)]) sc[j] = -INFINITY;
+                    if (L->window > 0)
+                        for (int j = 0; j < total; j++)
+                            if (!(pos[t] - c->pos[j] < L->window)) sc[j] = -INFINITY;
                     float mx = -INFINITY;
-                    for (int j = 0; j < total; j++) {
-                        int vis = j < n0 ? 1 : mask[(size_t)t * k + (j - n0)];
-                        if (vis && L->window > 0 && !(pos[t] - c->pos[j] < L->window)) vis = 0;
-                        if (!vis) { sc[j] = -INFINITY; continue; }
-                        sc[j] = K.dot_f32(qv, Kc + (size_t)j * hd, hd) * m->scale;
-                        if (sc[j] > mx) mx = sc[j];
-                    }
+                    for (int j = 0; j < total; j++) mx = sc[j] > mx ? sc[j] : mx;
+                    float sum = K.softmax_exp(sc, total, mx);
                     float *o = att + (size_t)t * QD + i * hd;
-                    memset(o, 0, sizeof(float) * hd);
-                    float sum = 0.f;
-                    for (int j = 0; j < total; j++) {
-                        if (sc[j] == -INFINITY) continue;
-                        float p = expf(sc[j] - mx);
-                        sum += p;
-                        K.axpy_f32(o, Vc + (size_t)j * hd, p, hd);
-                    }
+                    K.wsum(o, Vc, sc, total, hd);
                     float inv = sum > 0.f ? 1.f / sum : 0.f;
                     for (int d = 0; d < hd; d++) o[d] *= inv;
                 }
             }
-            /* E: o_in threshold, quantize; F: o projection */
-            OMP_FOR
-            for (int t = 0; t < k; t++) {
-                site_row(L, S_O, att + (size_t)t * QD, QD, stats);
-                if (needs_q8(&L->o)) quant_token(att, t, QD, &qa);
+            PROF(P_ATTN);
+            /* E (thread-local): o_in threshold on a copy of att, quantize; F: o projection */
+            {
+                const float *ain = att;
+                if (L->th[S_O]) {
+                    memcpy(T.ao, att, sizeof(float) * (size_t)k * QD);
+                    for (int t = 0; t < k; t++) site_row(L, S_O, T.ao + (size_t)t * QD, QD, st0);
+                    ain = T.ao;
+                }
+                if (needs_q8(&L->o))
+                    for (int t = 0; t < k; t++) quant_token(ain, t, QD, qa);
+                if (L->o.layout == SE_COL) mm_col(&L->o, k, ain, f, acc);
+                else { const se_mat *W[1] = {&L->o}; const float *X[1] = {ain}; se_qact *QA[1] = {qa}; float *Y[1] = {f};
+                       mm_rows_multi(1, W, X, QA, Y, k); }
             }
-            if (L->o.layout == SE_COL) mm_col(&L->o, k, att, f, acc);
-            else { const se_mat *W[1] = {&L->o}; const float *X[1] = {att}; se_qact *QA[1] = {&qa}; float *Y[1] = {f};
-                   mm_rows_multi(1, W, X, QA, Y, k); }
-            /* G: residual, FFN norm, ffn_in threshold, quantize */
-            OMP_FOR
+            PROF(P_O);
+            /* G (thread-local): residual, FFN norm, ffn_in threshold, quantize */
+            add_residual(m, m->sandwich ? L->post_attn_norm : NULL, k, x, f, T.tmp);
             for (int t = 0; t < k; t++) {
-                float *ft = f + (size_t)t * H, *xt = x + (size_t)t * H, *ht = h + (size_t)t * H;
-                if (m->sandwich) rmsnorm_row(ft, ft, L->post_attn_norm, H, m->eps);
-                for (int i = 0; i < H; i++) xt[i] += ft[i];
-                rmsnorm_row(ht, xt, L->ffn_norm, H, m->eps);
-                site_row(L, S_FFN, ht, H, stats);
-                if (needs_q8(&L->gate) || needs_q8(&L->up)) quant_token(h, t, H, &qa);
+                float *ht = h + (size_t)t * H;
+                rmsnorm_row(ht, x + (size_t)t * H, L->ffn_norm, H, m->eps);
+                site_row(L, S_FFN, ht, H, st0);
+                if (needs_q8(&L->gate) || needs_q8(&L->up)) quant_token(h, t, H, qa);
             }
-            /* H: gate, act, up, product, thresholds */
-            if (L->gate.layout == SE_ROW && L->up.layout == SE_ROW) {
-                ffn_gate_up_fused(m, L, k, h, &qa, mm, stats);
+            PROF(P_NORM);
+            /* H: gate, act, up, product, thresholds -> mm */
+            if (L->gate.layout == SE_R8 && L->up.layout != SE_COL) {
+                ffn_r8_fused(m, L, k, h, qa, T.gt, T.ut, mm, stats);
+            } else if (L->gate.layout == SE_ROW && L->up.layout == SE_ROW && L->th[S_GATE]) {
+                ffn_gate_up_fused(m, L, k, h, qa, mm, stats);
             } else {
-                const se_mat *W[2]; const float *X[2] = {h, h}; se_qact *QA[2] = {&qa, &qa}; float *Y[2]; int n = 0;
+                const se_mat *W[2]; const float *X[2] = {h, h}; se_qact *QA[2] = {qa, qa}; float *Y[2]; int n = 0;
                 if (L->gate.layout == SE_COL) mm_col(&L->gate, k, h, g, acc); else { W[n] = &L->gate; Y[n++] = g; }
                 if (L->up.layout == SE_COL) mm_col(&L->up, k, h, u, acc); else { W[n] = &L->up; Y[n++] = u; }
                 if (n) mm_rows_multi(n, W, X, QA, Y, k);
                 OMP_FOR
                 for (int t = 0; t < k; t++) {
                     float *gt = g + (size_t)t * F, *ut = u + (size_t)t * F, *mt = mm + (size_t)t * F;
-                    for (int i = 0; i < F; i++) gt[i] = act_fn(gt[i], m->act);
+                    K.act_vec(gt, F, m->act);
                     site_row(L, S_GATE, gt, F, stats);
                     for (int i = 0; i < F; i++) mt[i] = gt[i] * ut[i];
                     site_row(L, S_DOWN, mt, F, stats);
                 }
             }
-            /* I, J: down projection (COL: only each token's nonzero neurons) */
+            PROF(P_GATEUP);
+            /* I, J: down projection (COL: only each token's nonzero neurons); its post-norm and
+             * residual are applied by the next step A (or the final norm) */
             if (L->down.layout == SE_COL) {
                 mm_col(&L->down, k, mm, f, acc);
             } else {
-                if (needs_q8(&L->down)) {
-                    OMP_FOR
-                    for (int t = 0; t < k; t++) quant_token(mm, t, F, &qa);
-                }
-                const se_mat *W[1] = {&L->down}; const float *X[1] = {mm}; se_qact *QA[1] = {&qa}; float *Y[1] = {f};
+                if (needs_q8(&L->down))
+                    for (int t = 0; t < k; t++) quant_token(mm, t, F, qa);
+                const se_mat *W[1] = {&L->down}; const float *X[1] = {mm}; se_qact *QA[1] = {qa}; float *Y[1] = {f};
                 mm_rows_multi(1, W, X, QA, Y, k);
             }
-            /* K: post-FFN norm here; the residual add happens in the next step A */
-            if (m->sandwich) {
-                OMP_FOR
-                for (int t = 0; t < k; t++) rmsnorm_row(f + (size_t)t * H, f + (size_t)t * H, L->post_ffn_norm, H, m->eps);
-            }
+            PROF(P_DOWN);
         }
-        OMP_FOR
+        if (m->n_layers > 0)
+            add_residual(m, m->sandwich ? m->layers[m->n_layers - 1].post_ffn_norm : NULL, k, x, f, T.tmp);
         for (int t = 0; t < k; t++) {
-            float *xt = x + (size_t)t * H;
-            if (m->n_layers > 0)
-                for (int i = 0; i < H; i++) xt[i] += f[(size_t)t * H + i];
-            rmsnorm_row(h + (size_t)t * H, xt, m->out_norm, H, m->eps);
-            if (needs_q8(&m->lm_head)) quant_token(h, t, H, &qa);
+            rmsnorm_row(h + (size_t)t * H, x + (size_t)t * H, m->out_norm, H, m->eps);
+            if (needs_q8(&m->lm_head)) quant_token(h, t, H, qa);
         }
         if (m->lm_head.layout == SE_COL) mm_col(&m->lm_head, k, h, logits, acc);
-        else { const se_mat *W[1] = {&m->lm_head}; const float *X[1] = {h}; se_qact *QA[1] = {&qa}; float *Y[1] = {logits};
+        else { const se_mat *W[1] = {&m->lm_head}; const float *X[1] = {h}; se_qact *QA[1] = {qa}; float *Y[1] = {logits};
                mm_rows_multi(1, W, X, QA, Y, k); }
         if (m->softcap > 0.f) {
             OMP_FOR
@@ -963,17 +1492,18 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 for (int i = 0; i < V; i++)
                     logits[(size_t)t * V + i] = tanhf(logits[(size_t)t * V + i] / m->softcap) * m->softcap;
         }
+        PROF(P_HEAD);
     }
-    free(buf); free(qbuf); free(qsc);
+    free(buf); free(qbuf); free(qsc); free(qsum);
     return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* single kernels, for tests against numpy                                                     */
 
-SE_API void se_quant_q8(const float *x, int n, int8_t *q, float *d, float *s) {
+SE_API void se_quant_q8(const float *x, int n, int8_t *q, float *d, float *s, int32_t *isum) {
     ensure_kernels();
-    K.quant_q8(x, q, d, s, n / QK);
+    K.quant_q8(x, q, d, s, isum, n / QK);
 }
 
 /* Y[k][rows] = W X[k][cols]; rowmask as in mm_row (ROW layout only) */
@@ -981,11 +1511,14 @@ SE_API int se_matmul(const se_mat *W, int k, const float *X, float *Y, const uin
     ensure_kernels();
     int nthr = nthreads > 0 ? nthreads : 1;
     int wide = W->rows > W->cols ? W->rows : W->cols;
+    if (rowmask && W->layout != SE_ROW) return 3;
     int8_t *qb = (int8_t *)malloc((size_t)k * W->cols + 64);
-    float *qd = (float *)malloc(sizeof(float) * ((size_t)k * W->cols / QK + 8) * 2);
+    const size_t nbk = (size_t)k * W->cols / QK + 8;
+    float *qd = (float *)malloc(sizeof(float) * nbk * 2);
+    int32_t *qs = (int32_t *)malloc(sizeof(int32_t) * nbk);
     float *accs = (float *)malloc(sizeof(float) * (size_t)nthr * wide);
-    if (!qb || !qd || !accs) { free(qb); free(qd); free(accs); return 1; }
-    se_qact qa = {qb, qd, qd + ((size_t)k * W->cols / QK + 8)};
+    if (!qb || !qd || !qs || !accs) { free(qb); free(qd); free(qs); free(accs); return 1; }
+    se_qact qa = {qb, qd, qd + nbk, qs};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
@@ -1001,7 +1534,7 @@ SE_API int se_matmul(const se_mat *W, int k, const float *X, float *Y, const uin
             }
         }
     }
-    free(qb); free(qd); free(accs);
+    free(qb); free(qd); free(qs); free(accs);
     return 0;
 }
 
@@ -1010,11 +1543,35 @@ SE_API void se_rmsnorm(float *y, const float *x, const float *w, int k, int n, f
 }
 
 SE_API void se_rope(float *x, int k, int n_heads, int hd, const int32_t *pos, float theta, float factor, int neox) {
-    for (int t = 0; t < k; t++) rope_row(x + (size_t)t * n_heads * hd, n_heads, hd, pos[t], theta, factor, neox);
+    float *cs = (float *)malloc(sizeof(float) * (size_t)hd);
+    if (!cs) return;
+    for (int t = 0; t < k; t++) { /* the forward's own path: a table per token, then the rotation */
+        rope_table(cs, hd, pos[t], theta, factor);
+        rope_apply(x + (size_t)t * n_heads * hd, n_heads, hd, cs, neox);
+    }
+    free(cs);
 }
 
 SE_API void se_act(float *x, int n, int act) {
-    for (int i = 0; i < n; i++) x[i] = act_fn(x[i], act);
+    ensure_kernels();
+    K.act_vec(x, n, act);
 }
 
 SE_API void se_dequant_row(const se_mat *W, int r, float *y) { dequant_row(W, r, y); }
+
+/* one query's attention over n entries (the forward's kernels): p = softmax(scale q.K[j]) over
+ * the entries with vis[j] != 0, out = sum_j p[j] V[j]. scratch: n floats */
+SE_API void se_attend(const float *q, const float *Kc, const float *Vc, const uint8_t *vis, int n, int hd,
+                      float scale, float *scratch, float *out) {
+    ensure_kernels();
+    K.scores(q, Kc, n, hd, scale, scratch);
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        if (!vis[j]) scratch[j] = -INFINITY;
+        mx = scratch[j] > mx ? scratch[j] : mx;
+    }
+    float sum = K.softmax_exp(scratch, n, mx);
+    K.wsum(out, Vc, scratch, n, hd);
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int d = 0; d < hd; d++) out[d] *= inv;
+}
