@@ -3,6 +3,11 @@
 A runtime holds one sequence's KV cache. ``forward`` appends k entries and returns their logits;
 ``keep`` keeps a subset of those k (the accepted path of a draft tree) and compacts the cache;
 ``truncate`` and ``reset`` roll it back. Decoding is written once against this interface.
+
+Optional attribute ``exact_trees`` (default True): whether every row of a tree-masked forward, and
+every step after ``keep`` of a branch, gives bit-identical logits to sequential decoding. Runtimes
+whose numerics depend on the cache layout or batch composition set it False, and speculative
+decoding then verifies chains only, so that its output still equals plain greedy's.
 """
 
 from __future__ import annotations

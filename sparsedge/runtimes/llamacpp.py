@@ -155,6 +155,12 @@ class LlamaCppRuntime:
         L = self._L = load_library()
         self.path = path
         self.n_ctx = int(n_ctx)
+        # Tree rows are exact, but keep() of a branch leaves freed cells between the kept ones, and
+        # later tokens then sum their attention over the cache in another order than a sequential
+        # run (~1e-6 apart); requantizing activations to Q8 for quantized weights amplifies that
+        # to ~0.6 logits on SmolLM2 Q4_0. Kept chains stay contiguous and exact, so speculative
+        # decoding verifies chains on this runtime (measured: tests/runtimes/test_speculative.py).
+        self.exact_trees = False
         self.n_batch = int(n_batch)
         self.max_branches = min(int(max_branches), self.n_batch)  # a tree's leaves are in one batch
         self.threads = int(threads) if threads else max(1, os.cpu_count() or 1)

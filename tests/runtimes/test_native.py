@@ -279,6 +279,67 @@ def test_attention_kernel_matches_numpy(level):
         np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
 
 
+def test_attention_kernel_depends_only_on_visible_entries(level):
+    """A query's attention over entries under a visibility mask equals, bit for bit, its attention
+    over just the visible entries stored contiguously: masked entries are skipped (not added as
+    exp(-inf) = 0 in some SIMD lane), and an entry's score does not depend on whether it falls in a
+    4-entry pass or the tail. What makes a draft-tree row equal its path run one token at a time."""
+    lib = _lib.lib()
+    rng = np.random.default_rng(11)
+    for n, hd in ((1, 16), (9, 16), (37, 64), (70, 32), (130, 64), (5, 24), (21, 32)):
+        q = rng.standard_normal(hd).astype(np.float32)
+        K = rng.standard_normal((n, hd)).astype(np.float32)
+        V = rng.standard_normal((n, hd)).astype(np.float32)
+        scale = np.float32(hd ** -0.5 * 3)
+        for frac in (0.3, 0.7, 1.0):
+            vis = (rng.random(n) < frac).astype(np.uint8)
+            vis[-1] = 1
+            out, scratch = np.empty(hd, np.float32), np.empty(n, np.float32)
+            assert lib.se_attend(_c(q), _c(K), _c(V), _c(vis), n, hd, scale, _c(scratch), _c(out)) == 0
+            sel = vis.astype(bool)
+            Kv, Vv = np.ascontiguousarray(K[sel]), np.ascontiguousarray(V[sel])
+            nv = int(sel.sum())
+            ones = np.ones(nv, np.uint8)
+            want, scratch2 = np.empty(hd, np.float32), np.empty(nv, np.float32)
+            assert lib.se_attend(_c(q), _c(Kv), _c(Vv), _c(ones), nv, hd, scale, _c(scratch2), _c(want)) == 0
+            np.testing.assert_array_equal(out, want)
+            # the same entries behind more (invisible) ones: unchanged
+            K2, V2 = np.concatenate([K, K[:3] * 5]), np.concatenate([V, V[:3]])
+            vis2 = np.concatenate([vis, np.zeros(3, np.uint8)])
+            out2, scratch3 = np.empty(hd, np.float32), np.empty(n + 3, np.float32)
+            assert lib.se_attend(_c(q), _c(K2), _c(V2), _c(vis2), n + 3, hd, scale, _c(scratch3), _c(out2)) == 0
+            np.testing.assert_array_equal(out2, want)
+
+
+@pytest.mark.parametrize("gtype,layout", [(g, lay) for g in ("F32", "Q8_0", "Q4_0") for lay in ("row", "r8", "col")
+                                          if not (g == "F32" and lay == "r8")])  # R8 holds quantized weights only
+def test_matmul_rows_do_not_depend_on_k(level, gtype, layout):
+    """Row t of a k-token product equals, bit for bit, the 1-token product of token t, for every k
+    (4-token passes plus 1..3 left over) and every layout; column counts with every tail of the
+    F32 kernel (16-value steps, one 8-value step, scalar rest)."""
+    import ctypes
+
+    rng = np.random.default_rng(12)
+    cols_list = (32, 64, 96, 576) if gtype != "F32" else (24, 40, 100, 128, 576)
+    for cols in cols_list:
+        rows = 48
+        w, _ = _weight(rng, rows, cols, gtype)
+        w = {"row": w, "r8": to_r8(w) if layout == "r8" else w, "col": to_col(w)}[layout]
+        m = w.mat()
+        x = (rng.standard_normal((17, cols)) * rng.uniform(0.1, 10, (17, 1))).astype(np.float32)
+        if layout == "col":
+            x[rng.random(x.shape) < 0.5] = 0
+        one = np.empty((17, rows), np.float32)
+        for t in range(17):
+            xt = np.ascontiguousarray(x[t:t + 1])
+            assert _lib.lib().se_matmul(ctypes.byref(m), 1, _c(xt), _c(one[t:t + 1]), None, 2) == 0
+        for k in range(1, 18):
+            xk = np.ascontiguousarray(x[:k])
+            y = np.empty((k, rows), np.float32)
+            assert _lib.lib().se_matmul(ctypes.byref(m), k, _c(xk), _c(y), None, 2) == 0
+            np.testing.assert_array_equal(y, one[:k], err_msg=f"cols={cols} k={k}")
+
+
 def test_col_layout_is_lossless():
     rng = np.random.default_rng(4)
     for gtype in ("F32", "Q8_0", "Q4_0"):
@@ -538,6 +599,95 @@ def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype, method):
     parents, mask, depth = _tree()
     a, b = rt.forward(toks, rt.n_past + depth, mask), ref.forward(toks, ref.n_past + depth, mask)
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+
+
+# ----------------------------------------------------------------------------- exact k-token steps
+# Speculative decoding reproduces greedy decoding only if every row of a k-token step (a chain, or
+# a draft tree under its mask) is bit-identical to forwarding that row's path one token at a time.
+
+
+def wide_llama(seed: int = 0):
+    """A tiny Llama wide enough for every kernel shape the exactness tests need: every weight has
+    rows a multiple of 8 (R8 groups) and several 32-value blocks per row (hidden 128 = 4 blocks,
+    ffn 256 = 8), head_dim 32 (the 4-entry score passes and the 32-wide V sum), tied embedding
+    (the LM head runs R8 too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.1)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for _, prm in m.named_parameters():
+            if prm.ndim == 1:
+                prm.add_(0.1 * torch.randn_like(prm))
+    spec = arch.spec_from_hf(m.config)
+    return spec, {c: t.float() for c, t in arch.canonical_weights(spec, m.state_dict()).items()}
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """F32, Q8_0 and Q4_0 files of wide_llama, and per file the recipes the exactness tests load."""
+    spec, w = wide_llama()
+    d = tmp_path_factory.mktemp("exact")
+    out = {}
+    for qtype in ("F32", "Q8_0", "Q4_0"):
+        p = d / f"wide-{qtype}.gguf"
+        held = write_gguf(p, spec, {k: v.clone() for k, v in w.items()}, qtype)
+        recipes = {None: False}
+        for method in ("teal", "cats"):
+            sites, per_channel = RECIPES[method]
+            recipes[method] = _recipe(spec, held, method, sites, per_channel)
+        out[qtype] = (p, spec, recipes)
+    return out
+
+
+EXACT_PARENTS = [-1, 0, 0, 1, 1, 2, 3, 6]
+
+
+def _path(parents, i):
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+@pytest.mark.parametrize("recipe", [None, "teal", "cats"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_k_token_steps_equal_one_token_steps_exactly(wide_models, level, qtype, recipe):
+    """Chains of k = 1..17 tokens (4-token passes plus 1..3 left over) and an 8-node draft tree,
+    each row bit-identical to the sequential one-token run of its path: dense and with recipes
+    (teal: channel-major weights everywhere; cats: an R8 gate fused with a row-major up), SIMD and
+    forced-scalar kernels, 1 and 2 threads."""
+    p, spec, recipes = wide_models[qtype]
+    rng = np.random.default_rng(13)
+    ids = [int(t) for t in rng.integers(3, spec.vocab_size, 21 + 17)]
+    prompt, new = ids[:21], ids[21:]  # 22..38 visible entries: every SIMD tail of the softmax
+    for threads in (1, 2):
+        rt = NativeRuntime(p, threads=threads, recipe=recipes[recipe])
+        if qtype != "F32" and _lib.prefers_r8() and recipe is None:
+            assert rt.model.weights["layers.0.gate"].layout == _lib.R8
+        if recipe == "teal":
+            assert rt.model.weights["layers.0.down"].layout == _lib.COL
+        rt.forward(prompt)
+        n = rt.n_past
+        seq = np.concatenate([rt.forward([t]) for t in new])
+        for k in range(1, 18):
+            rt.truncate(n)
+            np.testing.assert_array_equal(rt.forward(new[:k]), seq[:k], err_msg=f"threads={threads} k={k}")
+        rt.truncate(n)
+        toks = new[:8]
+        got = rt.forward(toks, n + tree_depths(EXACT_PARENTS), tree_mask(EXACT_PARENTS))
+        for i in range(len(toks)):
+            rt.truncate(n)
+            want = rt.forward([toks[j] for j in _path(EXACT_PARENTS, i)])[-1]
+            np.testing.assert_array_equal(got[i], want, err_msg=f"threads={threads} node {i}")
+            rt.truncate(n)
+            for j in _path(EXACT_PARENTS, i):  # one token at a time, too
+                one = rt.forward([toks[j]])[0]
+            np.testing.assert_array_equal(got[i], one, err_msg=f"threads={threads} node {i} (1-token steps)")
 
 
 # ----------------------------------------------------------------------------- malformed files

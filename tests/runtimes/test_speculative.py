@@ -349,3 +349,54 @@ def test_layerskip_search_picks_harmless_layers(tiny_art, tmp_path):
     assert layerskip.SkipPlan.load(p, L) == plan
     with pytest.raises(SparsedgeError, match="plan for a"):
         layerskip.SkipPlan.load(p, L + 1)
+
+
+# ----------------------------------------------------------------------------- the real default model
+
+
+@pytest.fixture(scope="module")
+def real_art(real_model, tmp_path_factory):
+    """smollm2-135m as Q4_0 + Q8_0 GGUF and int4 ONNX, a TEAL 70% drafting recipe (calibrated on
+    4k tokens), a fixed layer-skip plan, and the suite's prompts with their plain greedy outputs."""
+    from sparsedge import sparsify
+    from sparsedge.export.artifact import ExportConfig, export
+
+    d = tmp_path_factory.mktemp("real_spec")
+    export(real_model, d / "art", ExportConfig(formats=("gguf", "onnx"), gguf_quants=("q4_0", "q8_0"),
+                                               onnx_quants=("int4",)), progress=False)
+    sparsify.calibrate(real_model, "teal", 0.7, config=sparsify.CalibConfig(tokens=4096),
+                       progress=False).save(d / "r70.json")
+    SkipPlan(list(range(12, 20)), 0.0, 0, real_model.spec.n_layers).save(d / "skip.json")
+    art = load(str(d / "art"), progress=False)
+    prompts = [encode_prompt(art.tokenizer, p["prompt"], chat=p["chat"]).tolist() for p in prompt_suite()]
+    return {"dir": d, "art": art, "prompts": prompts}
+
+
+# every runtime with the cheap drafters; the model-running drafters on the native engine (the tiny
+# tests above run every drafter on every runtime)
+REAL_CASES = [("native", "ngram,recycle"), ("llamacpp", "ngram,recycle"), ("onnxruntime", "ngram,recycle"),
+              ("native", "sparse"), ("native", "model")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime,drafter", REAL_CASES)
+def test_real_model_lossless_greedy_on_the_suite(real_art, runtime, drafter):
+    """The whole prompt suite, 128 new tokens each, identical to plain greedy on the same runtime;
+    the draft trees are sized by the runtime's measured cost curve, as users run them."""
+    if runtime == "llamacpp":
+        pytest.importorskip("llama_cpp")
+    d = real_art["dir"]
+    spec = {"sparse": f"sparse:{d / 'r70.json'}", "layerskip": f"layerskip:{d / 'skip.json'}",
+            "model": f"model:{d / 'art'}@native"}.get(drafter, drafter)
+    opts = {"threads": 2, **({"quant": "q4_0"} if runtime != "onnxruntime" else {})}
+    rt = open_runtime(real_art["art"], runtime, **opts)
+    dr = make_drafter(spec, Target(rt, real_art["art"], runtime, opts))
+    cfg = GenerationConfig(max_new_tokens=128)
+    st = SpecStats()
+    for prompt in real_art["prompts"]:
+        want = list(generate(rt, prompt, cfg))
+        assert list(speculative_generate(rt, prompt, cfg, dr, SpecConfig(budget=16), st)) == want
+    dr.close()
+    getattr(rt, "close", lambda: None)()
+    if runtime != "llamacpp":  # llama.cpp's cost curve (t(2) ~ 1.7 t(1)) rightly makes it verify no drafts
+        assert st.accepted > 100

@@ -90,7 +90,7 @@ def lib() -> C.CDLL:
         L.se_rope.argtypes, L.se_rope.restype = [vp, i32, i32, i32, vp, f32, f32, i32], None
         L.se_act.argtypes, L.se_act.restype = [vp, i32, i32], None
         L.se_dequant_row.argtypes, L.se_dequant_row.restype = [C.POINTER(Mat), i32, vp], None
-        L.se_attend.argtypes, L.se_attend.restype = [vp, vp, vp, vp, i32, i32, f32, vp, vp], None
+        L.se_attend.argtypes, L.se_attend.restype = [vp, vp, vp, vp, i32, i32, f32, vp, vp], i32
         _LIB = L
     return _LIB
 

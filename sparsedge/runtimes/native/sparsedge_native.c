@@ -33,6 +33,22 @@
  * Kernels come in a scalar version and a SIMD version (AVX2+FMA on x86-64, NEON on aarch64),
  * picked at run time from the CPU's features (__builtin_cpu_supports), never from the build
  * machine; SPARSEDGE_NATIVE_SCALAR=1 (or se_set_level(0)) forces the scalar path.
+ *
+ * Exactness across k. Speculative decoding must reproduce greedy decoding bit for bit, so each
+ * token row of a k-token forward (a chain, or a draft tree under its mask) must get the logits
+ * that forwarding its root-to-node path one token at a time gives, on the same kernel path and
+ * thread count. Hence every per-row result is one fixed sequence of float operations, whatever k
+ * and however tokens are grouped into SIMD passes:
+ *   - products: integer block sums are exact (int16 / int32 lanes cannot overflow, see the R8
+ *     tiles), and a row's float accumulation over blocks runs in block order with the same
+ *     fma / mul per block in the 1..4-token passes; dotk_f32's 4-token pass repeats dot_f32's
+ *     order per token. Work is split between threads by output rows / R8 groups, never by tokens,
+ *     so a row's reduction does not depend on k (it may on the thread count);
+ *   - activations are quantized per token (blocks of 32 of that token's row);
+ *   - attention runs over the list of a row's visible entries only (cache order), never over
+ *     masked entries set to -inf: scores, exp (exp256 for every entry, the tail too), the sum's
+ *     lane assignment and o = sum p V then depend only on what the row sees.
+ * Norms, RoPE and activations are per token already.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -53,6 +69,9 @@
 #endif
 
 #define QK 32
+/* cache row of the j-th visible entry of an attention row (idx NULL: the visible entries are the
+ * first n rows) */
+#define SE_ENTRY(idx, j) ((size_t)((idx) ? (idx)[j] : (j)))
 #define SE_API __attribute__((visibility("default")))
 
 enum { SE_F32 = 0, SE_Q8_0 = 1, SE_Q4_0 = 2 };
@@ -121,13 +140,16 @@ typedef struct {
                   const int32_t *xsum, int k, float *y, size_t ystride);
     void (*r8_q8)(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
                   float *y, size_t ystride);
-    /* one F32 row against k tokens: y[t*ystride] = w . X[t*n] */
+    /* one F32 row against k tokens: y[t*ystride] = w . X[t*n], each y bit-identical to
+     * dot_f32(w, X + t*n, n) (a token's result must not depend on k: see "Exactness" at the top) */
     void (*dotk_f32)(const float *w, const float *X, int n, int k, float *y, size_t ystride);
-    /* attention over n cache entries of width hd: out[j] = scale * q . K[j]; s[j] = exp(s[j] - mx)
-     * (-inf -> 0) returning the sum; o = sum_j p[j] V[j] */
-    void (*scores)(const float *q, const float *Kc, int n, int hd, float scale, float *out);
+    /* attention over the n visible cache entries of width hd, entry j being cache row
+     * e(j) = idx ? idx[j] : j (idx ascending): out[j] = scale * q . K[e(j)], each out[j]
+     * independent of n and of j's place in a SIMD pass; s[j] = exp(s[j] - mx) (-inf -> 0)
+     * returning the sum; o = sum_j p[j] V[e(j)], j ascending */
+    void (*scores)(const float *q, const float *Kc, const int32_t *idx, int n, int hd, float scale, float *out);
     float (*softmax_exp)(float *s, int n, float mx);
-    void (*wsum)(float *o, const float *Vc, const float *p, int n, int hd);
+    void (*wsum)(float *o, const float *Vc, const int32_t *idx, const float *p, int n, int hd);
     void (*act_vec)(float *x, int n, int act); /* x = act(x): 0 silu, 1 gelu_tanh */
     void (*mul8)(float *y, const float *a, const float *b); /* y[i] = a[i] * b[i], i < 8 */
 } se_kernels;
@@ -269,8 +291,8 @@ static void mul8_scalar(float *y, const float *a, const float *b) {
 
 /* these three go through the kernel table (K, defined below), so that NEON's dot / axpy serve them */
 static void dotk_f32_generic(const float *w, const float *X, int n, int k, float *y, size_t ystride);
-static void scores_generic(const float *q, const float *Kc, int n, int hd, float scale, float *out);
-static void wsum_generic(float *o, const float *Vc, const float *p, int n, int hd);
+static void scores_generic(const float *q, const float *Kc, const int32_t *idx, int n, int hd, float scale, float *out);
+static void wsum_generic(float *o, const float *Vc, const int32_t *idx, const float *p, int n, int hd);
 
 static float softmax_exp_scalar(float *s, int n, float mx) {
     float sum = 0.f;
@@ -558,13 +580,28 @@ AVX2 static void r8_q8_avx2(const int8_t *wq, const float *wd, int nb, const int
     }
 }
 
-/* one F32 row against 4 tokens per pass: each weight vector loaded once for the 4 */
+/* one F32 row against 4 tokens per pass: each weight vector loaded once for the 4. Per token the
+ * very operations of dot_f32_avx2 (two accumulators over 16 values, one 8-value step into the
+ * first, hsum256(a0 + a1), scalar tail in order), so a token's result does not depend on k or on
+ * which pass it falls in. 2 weight + 8 accumulator registers. */
 AVX2 static void dotk_f32_avx2(const float *w, const float *X, int n, int k, float *y, size_t ystride) {
     int t = 0;
     for (; t + 4 <= k; t += 4) {
         const float *x0 = X + (size_t)t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
         int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m256 wv = _mm256_loadu_ps(w + i), wu = _mm256_loadu_ps(w + i + 8);
+            a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
+            b0 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x0 + i + 8), b0);
+            a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);
+            b1 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x1 + i + 8), b1);
+            a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
+            b2 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x2 + i + 8), b2);
+            a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
+            b3 = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x3 + i + 8), b3);
+        }
         for (; i + 8 <= n; i += 8) {
             __m256 wv = _mm256_loadu_ps(w + i);
             a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
@@ -572,7 +609,8 @@ AVX2 static void dotk_f32_avx2(const float *w, const float *X, int n, int k, flo
             a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
             a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
         }
-        float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
+        float s0 = hsum256(_mm256_add_ps(a0, b0)), s1 = hsum256(_mm256_add_ps(a1, b1));
+        float s2 = hsum256(_mm256_add_ps(a2, b2)), s3 = hsum256(_mm256_add_ps(a3, b3));
         for (; i < n; i++) { s0 += w[i] * x0[i]; s1 += w[i] * x1[i]; s2 += w[i] * x2[i]; s3 += w[i] * x3[i]; }
         y[(size_t)t * ystride] = s0; y[(size_t)(t + 1) * ystride] = s1;
         y[(size_t)(t + 2) * ystride] = s2; y[(size_t)(t + 3) * ystride] = s3;
@@ -580,28 +618,43 @@ AVX2 static void dotk_f32_avx2(const float *w, const float *X, int n, int k, flo
     for (; t < k; t++) y[(size_t)t * ystride] = dot_f32_avx2(w, X + (size_t)t * n, n);
 }
 
-/* 4 cache entries per pass: 4 dot products reduced together with hadd (one store of 4 scores) */
-AVX2 static void scores_avx2(const float *q, const float *Kc, int n, int hd, float scale, float *out) {
-    int j = 0;
-    if (hd % 8 == 0) {
-        const __m128 vs = _mm_set1_ps(scale);
-        for (; j + 4 <= n; j += 4) {
-            const float *k0 = Kc + (size_t)j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            for (int d = 0; d < hd; d += 8) {
-                __m256 qv = _mm256_loadu_ps(q + d);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
-            }
-            /* hadd(hadd(a0,a1), hadd(a2,a3)): low half [a0..a3 lanes 0-3], high half lanes 4-7 */
-            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            _mm_storeu_ps(out + j, _mm_mul_ps(r, vs));
-        }
+/* one attention score, hd % 8 == 0: one accumulator over 8-value steps, lanes reduced as
+ * ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)): exactly what the 4-entry pass below does for each of its
+ * entries, so an entry's score does not depend on whether it falls in a pass of 4 or the tail */
+AVX2 static inline float score1_avx2(const float *q, const float *k0, int hd) {
+    __m256 a = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k0 + d), a);
+    __m256 h = _mm256_hadd_ps(a, a);
+    h = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+/* 4 visible entries per pass: 4 dot products reduced together with hadd (one store of 4 scores) */
+AVX2 static void scores_avx2(const float *q, const float *Kc, const int32_t *idx, int n, int hd, float scale,
+                             float *out) {
+    if (hd % 8) {
+        for (int j = 0; j < n; j++) out[j] = dot_f32_avx2(q, Kc + SE_ENTRY(idx, j) * hd, hd) * scale;
+        return;
     }
-    for (; j < n; j++) out[j] = dot_f32_avx2(q, Kc + (size_t)j * hd, hd) * scale;
+    const __m128 vs = _mm_set1_ps(scale);
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = Kc + SE_ENTRY(idx, j) * hd, *k1 = Kc + SE_ENTRY(idx, j + 1) * hd;
+        const float *k2 = Kc + SE_ENTRY(idx, j + 2) * hd, *k3 = Kc + SE_ENTRY(idx, j + 3) * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int d = 0; d < hd; d += 8) {
+            __m256 qv = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+        }
+        /* hadd(hadd(a0,a1), hadd(a2,a3)): low half [a0..a3 lanes 0-3], high half lanes 4-7 */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(out + j, _mm_mul_ps(r, vs));
+    }
+    for (; j < n; j++) out[j] = score1_avx2(q, Kc + SE_ENTRY(idx, j) * hd, hd) * scale;
 }
 
 /* exp for 8 floats (Cephes expf: x = n ln2 + r, degree-6 polynomial of r, 2^n in the exponent
@@ -634,12 +687,16 @@ AVX2 static float softmax_exp_avx2(float *s, int n, float mx) {
         _mm256_storeu_ps(s + j, e);
         acc = _mm256_add_ps(acc, e);
     }
-    float sum = hsum256(acc);
-    for (; j < n; j++) {
-        s[j] = s[j] == -INFINITY ? 0.f : expf(s[j] - mx);
-        sum += s[j];
+    if (j < n) { /* the tail through the same exp256 (not expf), padded with -inf -> 0 */
+        float tmp[8];
+        for (int i = 0; i < 8; i++) tmp[i] = j + i < n ? s[j + i] : -INFINITY;
+        __m256 v = _mm256_loadu_ps(tmp);
+        __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(v, vmx)));
+        _mm256_storeu_ps(tmp, e);
+        for (int i = 0; j + i < n; i++) s[j + i] = tmp[i];
+        acc = _mm256_add_ps(acc, e);
     }
-    return sum;
+    return hsum256(acc);
 }
 
 AVX2 static void mul8_avx2(float *y, const float *a, const float *b) {
@@ -670,11 +727,11 @@ AVX2 static void act_vec_avx2(float *x, int n, int act) {
 }
 
 /* o = sum_j p[j] V[j], 32 output values held in 4 registers across all entries */
-AVX2 static void wsum_avx2(float *o, const float *Vc, const float *p, int n, int hd) {
+AVX2 static void wsum_avx2(float *o, const float *Vc, const int32_t *idx, const float *p, int n, int hd) {
     if (hd % 32) {
         memset(o, 0, sizeof(float) * hd);
         for (int j = 0; j < n; j++)
-            if (p[j] != 0.f) axpy_f32_avx2(o, Vc + (size_t)j * hd, p[j], hd);
+            if (p[j] != 0.f) axpy_f32_avx2(o, Vc + SE_ENTRY(idx, j) * hd, p[j], hd);
         return;
     }
     for (int d = 0; d < hd; d += 32) {
@@ -682,7 +739,7 @@ AVX2 static void wsum_avx2(float *o, const float *Vc, const float *p, int n, int
         for (int j = 0; j < n; j++) {
             if (p[j] == 0.f) continue; /* masked entries: nothing to add */
             const __m256 pj = _mm256_set1_ps(p[j]);
-            const float *v = Vc + (size_t)j * hd + d;
+            const float *v = Vc + SE_ENTRY(idx, j) * hd + d;
             a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
             a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
             a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
@@ -806,14 +863,15 @@ static void dotk_f32_generic(const float *w, const float *X, int n, int k, float
     for (int t = 0; t < k; t++) y[(size_t)t * ystride] = K.dot_f32(w, X + (size_t)t * n, n);
 }
 
-static void scores_generic(const float *q, const float *Kc, int n, int hd, float scale, float *out) {
-    for (int j = 0; j < n; j++) out[j] = K.dot_f32(q, Kc + (size_t)j * hd, hd) * scale;
+static void scores_generic(const float *q, const float *Kc, const int32_t *idx, int n, int hd, float scale,
+                           float *out) {
+    for (int j = 0; j < n; j++) out[j] = K.dot_f32(q, Kc + SE_ENTRY(idx, j) * hd, hd) * scale;
 }
 
-static void wsum_generic(float *o, const float *Vc, const float *p, int n, int hd) {
+static void wsum_generic(float *o, const float *Vc, const int32_t *idx, const float *p, int n, int hd) {
     memset(o, 0, sizeof(float) * hd);
     for (int j = 0; j < n; j++)
-        if (p[j] != 0.f) K.axpy_f32(o, Vc + (size_t)j * hd, p[j], hd);
+        if (p[j] != 0.f) K.axpy_f32(o, Vc + SE_ENTRY(idx, j) * hd, p[j], hd);
 }
 
 /* whether this CPU has SIMD R8 kernels (the loader lays weights out R8 only then; NEON keeps ROW,
@@ -1296,8 +1354,9 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
     int8_t *qbuf = (int8_t *)malloc(thr_q * nthr);
     float *qsc = (float *)malloc(sizeof(float) * thr_nb * 2 * nthr);
     int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * thr_nb * nthr);
-    if (!buf || !qbuf || !qsc || !qsum) {
-        free(buf); free(qbuf); free(qsc); free(qsum);
+    int32_t *vidx = (int32_t *)malloc(sizeof(int32_t) * (size_t)total * nthr); /* per thread: visible entries */
+    if (!buf || !qbuf || !qsc || !qsum || !vidx) {
+        free(buf); free(qbuf); free(qsc); free(qsum); free(vidx);
         return 1;
     }
     float *q = buf, *att = q + (size_t)k * QD, *kk = att + (size_t)k * QD, *vv = kk + (size_t)k * KD;
@@ -1392,32 +1451,54 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 if (l == 0) c->pos[n0 + t] = pos[t];
             }
             PROF(P_ROPE);
-            /* D: attention, each (token, head) over every earlier entry plus its visible new ones:
-             * scores for all entries (4 per SIMD pass), the invisible ones then set to -inf,
-             * vectorized exp, and o = sum p V with the output row held in registers */
+            /* D: attention, each (token, head) over exactly its visible entries (the earlier ones
+             * inside the window, plus the new ones its mask row shows), gathered in cache order
+             * into a list: scores (4 per SIMD pass), max, exp, sum and o = sum p V (output row in
+             * registers) all run over that list. Masked entries are skipped, not added as
+             * exp(-inf) = 0, so a row's operations depend only on the keys / values it sees, in
+             * order: the same as when its path is forwarded one token at a time, whatever k, the
+             * row's index in the batch or the tree layout. The list is implicit (idx NULL) when
+             * the visible entries are the first nv cache rows (decoding, chains). */
+            {
+                int32_t *myidx = vidx + (size_t)thread_id() * total;
 #ifdef _OPENMP
 #pragma omp for collapse(2) schedule(static)
 #endif
-            for (int t = 0; t < k; t++) {
-                for (int i = 0; i < nh; i++) {
-                    const int kvh = i / group;
-                    const float *qv = q + (size_t)t * QD + i * hd;
-                    const float *Kc = c->kc + ((size_t)l * nkv + kvh) * c->cap * hd;
-                    const float *Vc = c->vc + ((size_t)l * nkv + kvh) * c->cap * hd;
-                    float *sc = scores + ((size_t)t * nh + i) * total;
-                    K.scores(qv, Kc, total, hd, m->scale, sc);
-                    for (int j = n0; j < total; j++)
-                        if (!mask[(size_t)t * k + (j - n0)]) sc[j] = -INFINITY;
-                    if (L->window > 0)
-                        for (int j = 0; j < total; j++)
-                            if (!(pos[t] - c->pos[j] < L->window)) sc[j] = -INFINITY;
-                    float mx = -INFINITY;
-                    for (int j = 0; j < total; j++) mx = sc[j] > mx ? sc[j] : mx;
-                    float sum = K.softmax_exp(sc, total, mx);
-                    float *o = att + (size_t)t * QD + i * hd;
-                    K.wsum(o, Vc, sc, total, hd);
-                    float inv = sum > 0.f ? 1.f / sum : 0.f;
-                    for (int d = 0; d < hd; d++) o[d] *= inv;
+                for (int t = 0; t < k; t++) {
+                    for (int i = 0; i < nh; i++) {
+                        const uint8_t *mrow = mask + (size_t)t * k;
+                        int nv = -1;
+                        const int32_t *ix = NULL;
+                        if (L->window <= 0) { /* a prefix of the cache: mask row 1..1 0..0 */
+                            int mv = 0;
+                            while (mv < k && mrow[mv]) mv++;
+                            int j = mv;
+                            while (j < k && !mrow[j]) j++;
+                            if (j == k) nv = n0 + mv;
+                        }
+                        if (nv < 0) {
+                            nv = 0;
+                            for (int j = 0; j < total; j++) {
+                                if (j >= n0 && !mrow[j - n0]) continue;
+                                if (L->window > 0 && !(pos[t] - c->pos[j] < L->window)) continue;
+                                myidx[nv++] = j;
+                            }
+                            ix = myidx;
+                        }
+                        const int kvh = i / group;
+                        const float *qv = q + (size_t)t * QD + i * hd;
+                        const float *Kc = c->kc + ((size_t)l * nkv + kvh) * c->cap * hd;
+                        const float *Vc = c->vc + ((size_t)l * nkv + kvh) * c->cap * hd;
+                        float *sc = scores + ((size_t)t * nh + i) * total;
+                        K.scores(qv, Kc, ix, nv, hd, m->scale, sc);
+                        float mx = -INFINITY;
+                        for (int j = 0; j < nv; j++) mx = sc[j] > mx ? sc[j] : mx;
+                        float sum = K.softmax_exp(sc, nv, mx);
+                        float *o = att + (size_t)t * QD + i * hd;
+                        K.wsum(o, Vc, ix, sc, nv, hd);
+                        float inv = sum > 0.f ? 1.f / sum : 0.f;
+                        for (int d = 0; d < hd; d++) o[d] *= inv;
+                    }
                 }
             }
             PROF(P_ATTN);
@@ -1494,7 +1575,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
         }
         PROF(P_HEAD);
     }
-    free(buf); free(qbuf); free(qsc); free(qsum);
+    free(buf); free(qbuf); free(qsc); free(qsum); free(vidx);
     return 0;
 }
 
@@ -1560,18 +1641,23 @@ SE_API void se_act(float *x, int n, int act) {
 SE_API void se_dequant_row(const se_mat *W, int r, float *y) { dequant_row(W, r, y); }
 
 /* one query's attention over n entries (the forward's kernels): p = softmax(scale q.K[j]) over
- * the entries with vis[j] != 0, out = sum_j p[j] V[j]. scratch: n floats */
-SE_API void se_attend(const float *q, const float *Kc, const float *Vc, const uint8_t *vis, int n, int hd,
-                      float scale, float *scratch, float *out) {
+ * the entries with vis[j] != 0 (gathered into a list, as the forward does), out = sum_j p[j] V[j].
+ * scratch: n floats. Returns 0, or 1 when out of memory. */
+SE_API int se_attend(const float *q, const float *Kc, const float *Vc, const uint8_t *vis, int n, int hd,
+                     float scale, float *scratch, float *out) {
     ensure_kernels();
-    K.scores(q, Kc, n, hd, scale, scratch);
+    int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    if (!idx) return 1;
+    int nv = 0;
+    for (int j = 0; j < n; j++)
+        if (vis[j]) idx[nv++] = j;
+    K.scores(q, Kc, idx, nv, hd, scale, scratch);
     float mx = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        if (!vis[j]) scratch[j] = -INFINITY;
-        mx = scratch[j] > mx ? scratch[j] : mx;
-    }
-    float sum = K.softmax_exp(scratch, n, mx);
-    K.wsum(out, Vc, scratch, n, hd);
+    for (int j = 0; j < nv; j++) mx = scratch[j] > mx ? scratch[j] : mx;
+    float sum = K.softmax_exp(scratch, nv, mx);
+    K.wsum(out, Vc, idx, scratch, nv, hd);
     float inv = sum > 0.f ? 1.f / sum : 0.f;
     for (int d = 0; d < hd; d++) out[d] *= inv;
+    free(idx);
+    return 0;
 }
