@@ -78,7 +78,7 @@ def calibrate(
     loaded = model if isinstance(model, LoadedModel) else load(model)
     rt = open_runtime(loaded, "torch")
     stats = calibration_stats(rt, loaded.tokenizer, text, config, progress)
-    recipe = recipe_from_stats(method, sparsity, stats, rt, scope)
+    recipe = recipe_from_stats(method, sparsity, stats, rt, scope, progress=progress)
     if chunk_size:
         add_chunking(recipe, stats, chunk_size, cluster=cluster)
     return recipe

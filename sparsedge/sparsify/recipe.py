@@ -70,7 +70,10 @@ class Calibration:
     tokens: int
     text_hash: str
     seed: int = 0
-    seconds: float | None = None
+    seconds: float | None = None  # dense pass plus the sparse-aware pass
+    # thresholds set by the sparse-aware pass (sparsify/calibrate.py), not the dense pass alone;
+    # recipes written before it existed load as False
+    sparse_aware: bool = False
 
 
 @dataclass
