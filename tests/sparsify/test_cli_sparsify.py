@@ -27,12 +27,30 @@ def test_calibrate_then_eval(folder, tmp_path, capsys):
     assert {"ppl_dense", "ppl", "achieved_sparsity", "top1_agreement", "cls"} <= set(out)
     saved = json.loads(rec.read_text())
     assert saved["results"]["ppl"] == out["ppl"] and saved["chunks"]["size"] == 16
+    assert saved["calibration"]["sparse_aware"] and saved["calibration"]["seconds"] == out["calibration_s"]
     # the same protocol as calibrate's held-out measurement gives the same figures
     assert main(["eval", str(folder), "--recipe", str(rec), "--max-tokens", "512", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert set(ev["cls"]) == {"1", "2", "4", "8"} and 0 < ev["top1_agreement"] <= 1
     for key in ("ppl", "ppl_dense", "achieved_sparsity", "top1_agreement"):
         assert ev[key] == pytest.approx(out[key], rel=1e-6), key
+
+
+def test_calibrate_dense_thresholds_only(folder, tmp_path, capsys):
+    """--no-sparse-aware keeps the dense-pass thresholds: the recipe says so, and they differ from
+    the default's, which were set with earlier sites sparsified."""
+    recs = {}
+    for flag in ([], ["--no-sparse-aware"]):
+        rec = tmp_path / f"r{len(flag)}.json"
+        assert main(["calibrate", str(folder), "--method", "teal", "--sparsity", "0.7", "-o", str(rec),
+                     "--no-eval", *flag, *SMALL]) == 0
+        recs[bool(flag)] = json.loads(rec.read_text())
+    capsys.readouterr()
+    assert recs[False]["calibration"]["sparse_aware"] and not recs[True]["calibration"]["sparse_aware"]
+    dense, aware = recs[True]["sites"], recs[False]["sites"]
+    # the first site of layer 0 runs before any sparsity, on the same sampled rows
+    assert dense["qkv_in"]["thresholds"][0] == pytest.approx(aware["qkv_in"]["thresholds"][0], rel=1e-6)
+    assert dense["down_in"]["thresholds"][-1] != pytest.approx(aware["down_in"]["thresholds"][-1], rel=1e-3)
 
 
 @pytest.mark.parametrize("argv, msg, code", [
