@@ -128,6 +128,8 @@ def speculative_generate(
     # the marginal cost (in units of t(1)); sequential drafters also pay a draft forward per token
     min_prob = cost(5) - cost(4)
     draft_fwd = 0.0  # measured draft forward time / t(1), for sequential drafters
+    fw0 = getattr(drafter, "forwards", 0)  # the drafter's forward count is cumulative across calls
+    draft_s = 0.0
 
     # a runtime whose tree rows are not bit-exact with sequential decoding (onnxrt.py explains
     # when) verifies chains only, so that the output still equals plain greedy's
@@ -171,10 +173,11 @@ def speculative_generate(
         st.accepted += len(path) - 1
         st.verify_s += tc - tb
         st.draft_s += (tb - ta) + (td - tc)
+        draft_s += (tb - ta) + (td - tc)  # this call's share (``st`` may accumulate across calls)
         if drafter.sequential and t1:
-            fw = getattr(drafter, "forwards", 0)
-            if fw:  # running mean of one draft forward in units of the target's t(1)
-                draft_fwd = (st.draft_s / max(fw, 1)) / t1
+            fw = getattr(drafter, "forwards", 0) - fw0
+            if fw > 0:  # running mean of one draft forward in units of the target's t(1)
+                draft_fwd = (draft_s / fw) / t1
         for t in [int(v.tokens[r]) for r in path[1:]] + [nxt]:
             context.append(t)
             done = emit(t)
