@@ -1184,6 +1184,16 @@ static void mm_rows_multi(int n, const se_mat *const *W, const float *const *X, 
     }
 }
 
+
+/* A neuron's activation is inactive below its threshold (t[0] for a per-layer threshold, t[r] per
+ * channel); NaN counts as inactive. */
+static inline int below(float x, const float *t, int tn, int r) { return t && !(fabsf(x) >= t[tn == 1 ? 0 : r]); }
+
+/* The down projection's input for one neuron: v, or 0 (counted in *zd) under a down_in threshold. */
+static inline float down_in(float v, const float *td, int tdn, int r, int64_t *zd) {
+    if (below(v, td, tdn, r)) { (*zd)++; return 0.f; }
+    return v;
+}
 /* The FFN's gate/up stage for an R8 gate, fused per group of 8 neurons (no barrier between the
  * matmuls and the elementwise work): gate tile -> act -> gate_act threshold -> up (an R8 tile, or,
  * for a gate-thresholded recipe, a ROW up computed only on the rows each token kept) -> product ->
@@ -1211,10 +1221,8 @@ static void ffn_r8_fused(const se_model *m, const se_layer *L, int k, const floa
             for (int i = 0; i < 8; i++) {
                 const int r = 8 * u + i;
                 float g = gt[t * 8 + i];
-                if (tg && !(fabsf(g) >= tg[tgn == 1 ? 0 : r])) { M[(size_t)t * F + r] = 0.f; zg++; if (td) zd++; continue; }
-                float v = g * (up_r8 ? ut[t * 8 + i] : row_dot(&L->up, r, X, qa, t));
-                if (td && !(fabsf(v) >= td[tdn == 1 ? 0 : r])) { v = 0.f; zd++; }
-                M[(size_t)t * F + r] = v;
+                if (below(g, tg, tgn, r)) { M[(size_t)t * F + r] = 0.f; zg++; if (td) zd++; continue; }
+                M[(size_t)t * F + r] = down_in(g * (up_r8 ? ut[t * 8 + i] : row_dot(&L->up, r, X, qa, t)), td, tdn, r, &zd);
             }
         }
     }
@@ -1239,10 +1247,8 @@ static void ffn_gate_up_fused(const se_model *m, const se_layer *L, int k, const
     for (int r = 0; r < F; r++) {
         for (int t = 0; t < k; t++) {
             float g = act_fn(row_dot(&L->gate, r, X, qa, t), m->act);
-            if (tg && !(fabsf(g) >= tg[tgn == 1 ? 0 : r])) { M[(size_t)t * F + r] = 0.f; zg++; if (td) zd++; continue; }
-            float v = g * row_dot(&L->up, r, X, qa, t);
-            if (td && !(fabsf(v) >= td[tdn == 1 ? 0 : r])) { v = 0.f; zd++; }
-            M[(size_t)t * F + r] = v;
+            if (below(g, tg, tgn, r)) { M[(size_t)t * F + r] = 0.f; zg++; if (td) zd++; continue; }
+            M[(size_t)t * F + r] = down_in(g * row_dot(&L->up, r, X, qa, t), td, tdn, r, &zd);
         }
     }
     if (tg) count_site(st, S_GATE, thread_id() == 0 ? (int64_t)k * F : 0, zg);
