@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                     if isinstance(d, RecycleDrafter):
                         d.seed(rt, warm_ids)
                     elif isinstance(d, NgramDrafter):
-                        d._extend(list(warm_ids))
+                        d.add_corpus(warm_ids)
             for mode in [m.strip() for m in a.modes.split(",")]:
                 sc = SpecConfig(mode=mode, budget=a.budget)
 

@@ -24,7 +24,7 @@ from ..base import tree_mask
 from .accept import accept_greedy, accept_sample
 from .drafters import Drafter, DraftRequest
 from .generate import GenerationConfig, GenerationStats, prefill
-from .sampling import probs
+from .sampling import Sampler
 from .tree import CostCurve, Draft, choose
 
 MODES = ("spec", "tree")
@@ -109,7 +109,8 @@ def speculative_generate(
     st = stats if stats is not None else SpecStats()
     st.prompt_tokens = int(prompt.size)
     sampling = cfg.sampling
-    rng = np.random.default_rng(cfg.seed)
+    sample = Sampler(sampling)
+    rng = sample.rng  # the acceptance rule draws from the same seeded stream
     stop = set(cfg.stop_ids)
     runtime.reset()
     t0 = time.perf_counter()
@@ -119,7 +120,7 @@ def speculative_generate(
     else:  # measured on the real cache, outside the decode timing
         cost, t1 = measure_cost(runtime, prompt)
     st.cost = cost.as_dict()
-    tok = int(np.argmax(logits)) if sampling.greedy else int(rng.choice(logits.shape[-1], p=probs(logits, sampling)))
+    tok = sample(logits)
     drafter.begin(prompt.tolist())
     context = prompt.tolist() + [tok]
     st.prefill_s = time.perf_counter() - t0
@@ -128,8 +129,8 @@ def speculative_generate(
     # the marginal cost (in units of t(1)); sequential drafters also pay a draft forward per token
     min_prob = cost(5) - cost(4)
     draft_fwd = 0.0  # measured draft forward time / t(1), for sequential drafters
-    fw0 = getattr(drafter, "forwards", 0)  # the drafter's forward count is cumulative across calls
-    draft_s = 0.0
+    # ``st`` and the drafter's forward count may accumulate across calls: this call's shares
+    fw0, draft_s0 = getattr(drafter, "forwards", 0), st.draft_s
 
     # a runtime whose tree rows are not bit-exact with sequential decoding (onnxrt.py explains
     # when) verifies chains only, so that the output still equals plain greedy's
@@ -173,11 +174,10 @@ def speculative_generate(
         st.accepted += len(path) - 1
         st.verify_s += tc - tb
         st.draft_s += (tb - ta) + (td - tc)
-        draft_s += (tb - ta) + (td - tc)  # this call's share (``st`` may accumulate across calls)
         if drafter.sequential and t1:
             fw = getattr(drafter, "forwards", 0) - fw0
             if fw > 0:  # running mean of one draft forward in units of the target's t(1)
-                draft_fwd = (draft_s / fw) / t1
+                draft_fwd = ((st.draft_s - draft_s0) / fw) / t1
         for t in [int(v.tokens[r]) for r in path[1:]] + [nxt]:
             context.append(t)
             done = emit(t)

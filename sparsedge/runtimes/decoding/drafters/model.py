@@ -15,15 +15,12 @@ import numpy as np
 
 from ....errors import SparsedgeError
 from ..generate import prefill
-from ..sampling import probs
+from ..sampling import SamplingConfig, probs
 from ..tree import Draft
 from . import Drafter, DraftRequest, Rates, Target, register
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max()
-    e = np.exp(z)
-    return e / e.sum()
+_UNTEMPERED = SamplingConfig(temperature=1.0)  # the draft's own confidence under greedy decoding
 
 
 class RuntimeDrafter(Drafter):
@@ -58,7 +55,7 @@ class RuntimeDrafter(Drafter):
         parent, pp = -1, 1.0
         for d in range(min(self.max_depth, req.budget)):
             if req.sampling.greedy:
-                p = softmax(logits)
+                p = probs(logits, _UNTEMPERED)
                 top = np.argpartition(-p, self.siblings)[: self.siblings + 1]
                 top = top[np.argsort(-p[top])]
                 x, conf = int(top[0]), float(p[top[0]])

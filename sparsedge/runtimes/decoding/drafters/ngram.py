@@ -27,8 +27,15 @@ class NgramDrafter(Drafter):
         self.start = 0  # where the current request begins in hist
         self.rates = Rates()
         if corpus is not None:
-            self._extend(list(corpus))
+            self.add_corpus(corpus)
+
+    def add_corpus(self, ids: Sequence[int]) -> None:
+        """Index a corpus as a document of its own (a warm cache before any request)."""
+        if self.hist and self.hist[-1] != SEP:
             self.hist.append(SEP)
+        self._extend(list(ids))
+        self.hist.append(SEP)
+        self.start = len(self.hist)
 
     def _extend(self, toks: Sequence[int]) -> None:
         h = self.hist
