@@ -13,6 +13,17 @@ other jobs mostly measures the scheduler (llama.cpp's threads spin, so its CPU t
 waiting and is not reported). ``--ppl N`` adds perplexity
 over N held-out tokens (sparsedge.data's evaluation text) for every runtime; ``--json`` prints one
 JSON object.
+
+    python benchmarks/native_bench.py ARTIFACT_OR_GGUF --memory [--tokens 128] [--threads 2]
+
+``--memory`` instead measures peak resident memory (issue 5: peak RSS <= 1.5 x (GGUF + KV cache)).
+For each GGUF (the file given, or every model.*.gguf of an artifact folder) a fresh Python process
+opens a dense native session (``n_ctx`` 512) and greedily decodes ``--tokens`` tokens; it reports
+the GGUF size, the KV cache's bytes, the peak RSS (VmHWM, and ru_maxrss), the RSS just after the
+imports (interpreter + numpy + sparsedge), and the ratios peak / (GGUF + KV) for the whole process
+and for the engine alone (peak minus the RSS after imports). With an artifact folder it also
+measures what ``sparsedge run`` loads on top (the tokenizer through sources.load) and the RSS that
+importing numpy / onnxruntime / tokenizers / transformers / torch costs on its own.
 """
 
 from __future__ import annotations
@@ -66,6 +77,143 @@ def cost_curve(rt, prompt_ids: list[int], ks: list[int], reps: int) -> tuple[dic
     return wall, cpu
 
 
+# The child process of --memory: prints one JSON object. RSS from /proc/self/status (Linux), else
+# ru_maxrss only. argv: path threads tokens mode ("engine": open the GGUF; "cli": as `sparsedge run`
+# does, sources.load(folder) (tokenizer) then open_runtime(loaded, "native", quant)).
+_MEM_CHILD = r"""
+import json, os, resource, sys
+def status():
+    d = {}
+    try:
+        for line in open('/proc/self/status'):
+            k, _, v = line.partition(':')
+            if k in ('VmRSS', 'VmHWM'):
+                d[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return d
+path, threads, n_tok, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+out = {'interpreter': status().get('VmRSS')}
+import numpy
+out['after_numpy'] = status().get('VmRSS')
+import sparsedge
+from sparsedge.runtimes.native import NativeRuntime
+out['after_imports'] = status().get('VmRSS')
+if mode == 'cli':
+    from sparsedge.sources import load
+    from sparsedge.runtimes import open_runtime
+    folder, quant = os.path.dirname(path), os.path.basename(path).split('.')[-2]
+    loaded = load(folder, progress=False)
+    out['after_tokenizer'] = status().get('VmRSS')
+    rt = open_runtime(loaded, 'native', quant=quant, threads=threads)
+else:
+    rt = NativeRuntime(path, threads=threads)
+out['after_load'] = status().get('VmRSS')
+out['load_peak'] = status().get('VmHWM')
+tok = int(rt.forward(list(range(1, 21)))[-1].argmax())
+for _ in range(n_tok - 1):
+    tok = int(rt.forward([tok])[-1].argmax())
+ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out['ru_maxrss'] = ru * (1 if sys.platform == 'darwin' else 1024)
+out['peak'] = status().get('VmHWM', out['ru_maxrss'])
+out['end'] = status().get('VmRSS')
+out['memory'] = rt.memory()
+out['torch_imported'] = 'torch' in sys.modules
+out['transformers_imported'] = 'transformers' in sys.modules
+out['gguf_imported'] = 'gguf' in sys.modules
+print(json.dumps(out))
+"""
+
+_IMPORT_CHILD = r"""
+import sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) * 1024
+base = rss()
+__import__(sys.argv[1])
+print(rss() - base, base)
+"""
+
+
+def _child(code: str, *argv: str) -> str:
+    import subprocess
+
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"memory child failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def memory_report(target: Path, threads: int, tokens: int) -> dict:
+    """Peak RSS of fresh processes running a native session on each GGUF of ``target``."""
+    folder = target if target.is_dir() else None
+    files = sorted(target.glob("model.*.gguf")) if folder else [target]
+    if not files:
+        raise SystemExit(f"no model.*.gguf in {target}")
+    mb = 2**20
+    rep: dict = {"threads": threads, "tokens": tokens, "target": 1.5, "files": {}}
+    for f in files:
+        m = json.loads(_child(_MEM_CHILD, str(f), str(threads), str(tokens), "engine"))
+        gguf, kv = f.stat().st_size, m["memory"]["kv_cache"]
+        budget = gguf + kv
+        e = {
+            "gguf_mb": round(gguf / mb, 1), "kv_cache_mb": round(kv / mb, 1),
+            "weights_copied_mb": round(m["memory"]["weights_copied"] / mb, 1),
+            "weights_mapped_mb": round(m["memory"]["weights_mapped"] / mb, 2),
+            "interpreter_mb": round(m["interpreter"] / mb, 1),
+            "after_imports_mb": round(m["after_imports"] / mb, 1),
+            "after_load_mb": round(m["after_load"] / mb, 1), "load_peak_mb": round(m["load_peak"] / mb, 1),
+            "peak_mb": round(m["peak"] / mb, 1), "ru_maxrss_mb": round(m["ru_maxrss"] / mb, 1),
+            "ratio_process": round(m["peak"] / budget, 3),
+            "ratio_engine": round((m["peak"] - m["after_imports"]) / budget, 3),
+            "torch_imported": m["torch_imported"], "gguf_py_imported": m["gguf_imported"],
+        }
+        e["meets_target_process"] = e["ratio_process"] <= 1.5
+        e["meets_target_engine"] = e["ratio_engine"] <= 1.5
+        if folder is not None:
+            c = json.loads(_child(_MEM_CHILD, str(f), str(threads), str(tokens), "cli"))
+            e["as_sparsedge_run"] = {
+                "tokenizer_load_mb": round((c["after_tokenizer"] - c["after_imports"]) / mb, 1),
+                "peak_mb": round(c["peak"] / mb, 1), "ratio_process": round(c["peak"] / budget, 3),
+                "torch_imported": c["torch_imported"], "transformers_imported": c["transformers_imported"],
+            }
+        rep["files"][f.name] = e
+    imports = {}
+    for mod in ("numpy", "sparsedge.runtimes.native", "onnxruntime", "tokenizers", "transformers", "torch"):
+        try:
+            delta, base = _child(_IMPORT_CHILD, mod).split()
+            imports[mod] = round(int(delta) / mb, 1)
+            rep["interpreter_mb"] = round(int(base) / mb, 1)
+        except Exception:  # not installed here
+            imports[mod] = None
+    rep["import_rss_mb"] = imports
+    return rep
+
+
+def print_memory(rep: dict) -> None:
+    print(f"peak RSS of a native session, {rep['tokens']}-token greedy decode, {rep['threads']} threads "
+          f"(MiB; target peak <= {rep['target']} x (GGUF + KV cache))")
+    for name, e in rep["files"].items():
+        budget = e["gguf_mb"] + e["kv_cache_mb"]
+        print(f"{name}: GGUF {e['gguf_mb']}  KV cache {e['kv_cache_mb']}  -> budget {rep['target']} x "
+              f"{budget:.1f} = {rep['target'] * budget:.1f}")
+        print(f"  weights in engine layout {e['weights_copied_mb']} (+{e['weights_mapped_mb']} mapped)   "
+              f"RSS: interpreter {e['interpreter_mb']}, after imports {e['after_imports_mb']}, after load "
+              f"{e['after_load_mb']} (load peak {e['load_peak_mb']})")
+        print(f"  peak {e['peak_mb']} (ru_maxrss {e['ru_maxrss_mb']})   process: {e['ratio_process']:.2f}x "
+              f"{'meets' if e['meets_target_process'] else 'MISSES'}   engine (peak - after imports "
+              f"{e['peak_mb'] - e['after_imports_mb']:.1f}): {e['ratio_engine']:.2f}x "
+              f"{'meets' if e['meets_target_engine'] else 'MISSES'}   torch imported: {e['torch_imported']}")
+        if "as_sparsedge_run" in e:
+            c = e["as_sparsedge_run"]
+            print(f"  as `sparsedge run` (tokenizer via sources.load, +{c['tokenizer_load_mb']}): peak "
+                  f"{c['peak_mb']} = {c['ratio_process']:.2f}x   torch imported: {c['torch_imported']}")
+    imp = ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in rep["import_rss_mb"].items())
+    print(f"RSS of importing, each alone over a bare interpreter ({rep.get('interpreter_mb')}): {imp}")
+
+
 def tokenizer_for(args):
     if args.no_tokenizer:
         return None
@@ -92,7 +240,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tokenizer", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--memory", action="store_true",
+                    help="measure peak RSS per GGUF (a file or an artifact folder) instead of speed")
     args = ap.parse_args(argv)
+    if args.memory:
+        rep = memory_report(args.gguf, args.threads, args.tokens)
+        print(json.dumps(rep)) if args.json else print_memory(rep)
+        return 0
 
     from sparsedge.runtimes.native import NativeRuntime, level
 

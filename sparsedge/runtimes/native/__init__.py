@@ -31,8 +31,14 @@ def open_native(model: Any, quant: str | None = None, **opts: Any) -> NativeRunt
 
     if isinstance(model, (str, Path)) and str(model).endswith(".gguf") and Path(model).is_file():
         return NativeRuntime(model, **opts)
+    from ...export.artifact import is_artifact, read_manifest
     from ...sources import LoadedModel, artifact_file, load
 
+    if isinstance(model, (str, Path)) and is_artifact(model):
+        # the manifest names the GGUF; sources.load() would also build the tokenizer through
+        # transformers, which imports torch (~200 MB of RSS) that the engine never uses
+        folder = Path(model).expanduser()
+        return NativeRuntime(artifact_file(folder, read_manifest(folder), "gguf", quant), **opts)
     loaded = model if isinstance(model, LoadedModel) else load(model)
     if loaded.manifest is None:
         from ...errors import SparsedgeError

@@ -13,6 +13,13 @@ the up projection row-major so that each token skips the rows its gate zeroed. B
 the original quants and scales (lossless). Anything malformed — an unknown
 architecture, a missing tensor, a wrong shape or type, a truncated file — raises SparsedgeError
 before C sees a pointer.
+
+Memory: the header is read by gguf_header.GGUFFile (the vocab is never materialised). A weight
+that is copied into the engine's layout is read from the file with pread() in chunks of about
+1 MB of rows and re-laid out chunk by chunk into its final arrays, so that only the new layout is
+resident: the file's own pages are never mapped into the process for it, and no whole-tensor
+temporaries exist (the 49152 x 576 tied embedding would otherwise cost three extra copies at its
+peak). F32 row-major weights and the norms stay zero-copy views of the memory map.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ...arch import ModelSpec
 from ...errors import SparsedgeError
 from . import _lib
 from ._lib import COL, R8, ROW, SITES
+from .gguf_header import GGUFFile, LazyArray, TensorInfo
 
 RECIPE_KEY = "sparsedge.recipe"
 QK = 32
@@ -51,14 +59,16 @@ COL_SITES = {
 }
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+# bytes of source rows re-laid out per step: small enough that the temporaries of a chunk (a few
+# copies of it) never show in the peak, large enough that numpy's per-call overhead does not matter
+CHUNK_BYTES = 1 << 20
+
+
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    v = reader.fields.get(key)
+    if v is None:
         return default
-    try:
-        return f.contents()
-    except Exception as e:  # gguf-py raises assorted errors on a bad field
-        raise SparsedgeError(f"GGUF metadata {key!r} is malformed: {e}") from e
+    return v.values() if isinstance(v, LazyArray) else v
 
 
 def _need(reader, key: str, kind=int) -> Any:
@@ -83,10 +93,10 @@ def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
     n_heads = _need(reader, f"{a}.attention.head_count")
     n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_heads))
     head_dim = int(_field(reader, f"{a}.attention.key_length", H // n_heads))
-    emb = _tensor_map(reader).get("token_embd.weight")
-    if emb is None or len(emb.shape) != 2:
+    emb = reader.tensors.get("token_embd.weight")
+    if emb is None or len(emb.ne) != 2:
         raise SparsedgeError("GGUF lacks a 2-D token_embd.weight")
-    vocab = int(emb.shape[1])
+    vocab = int(emb.ne[1])  # ne = (hidden, vocab): ne[0] is the contiguous axis
     theta = float(_field(reader, f"{a}.rope.freq_base", 10000.0))
     factor = 1.0
     if _field(reader, f"{a}.rope.scaling.type") not in (None, "none"):
@@ -98,7 +108,7 @@ def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
         vocab_size=vocab, hidden_size=H, intermediate_size=_need(reader, f"{a}.feed_forward_length"),
         n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         rms_eps=_need(reader, f"{a}.attention.layer_norm_rms_epsilon", float), rope_theta=theta,
-        rope_linear_factor=factor, tie_embeddings="output.weight" not in _tensor_map(reader),
+        rope_linear_factor=factor, tie_embeddings="output.weight" not in reader.tensors,
     )
     if n_kv <= 0 or head_dim <= 0 or head_dim % 2:
         raise SparsedgeError(f"GGUF has {n_kv} KV heads of dimension {head_dim}")
@@ -125,14 +135,6 @@ def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
     return spec, {"rope_neox": 1}
 
 
-def _tensor_map(reader) -> dict[str, Any]:
-    m = getattr(reader, "_sparsedge_tensors", None)
-    if m is None:
-        m = {t.name: t for t in reader.tensors}
-        reader._sparsedge_tensors = m
-    return m
-
-
 @dataclass
 class Weight:
     """One linear weight in the engine's layout; the arrays stay alive as long as this object."""
@@ -154,7 +156,10 @@ class Weight:
 
 
 def weight_from_raw(gtype: str, data: np.ndarray, rows: int, cols: int) -> Weight:
-    """A ROW weight from a GGUF tensor's data (numpy view of the file) of type ``gtype``."""
+    """A ROW weight from a GGUF tensor's data of type ``gtype``: raw bytes (uint8 [rows, row
+    bytes], as GGUFFile.read gives) or, for F32 / F16, an array of that dtype."""
+    if gtype in ("F32", "F16") and data.dtype == np.uint8:
+        data = data.view(np.float32 if gtype == "F32" else np.float16)
     if gtype == "F32":
         return Weight("F32", ROW, rows, cols, np.ascontiguousarray(data.reshape(rows, cols), dtype=np.float32))
     if gtype == "F16":
@@ -220,8 +225,53 @@ def to_r8(w: Weight) -> Weight:
     return Weight("Q4_0", R8, r, c, np.ascontiguousarray(q).reshape(G, nb * 128), d)
 
 
-def _r8_ok(w: Weight) -> bool:
-    return w.layout == ROW and w.type in ("Q8_0", "Q4_0") and w.rows % 8 == 0
+def r8_ok(gtype: str, rows: int) -> bool:
+    """Whether a ROW weight of this GGUF type and row count can be laid out R8."""
+    return gtype in ("Q8_0", "Q4_0") and rows % 8 == 0
+
+
+def _put(dst: np.ndarray, src: np.ndarray, at: int, ax: int) -> int:
+    """dst[at : at+n] = src along axis ``ax`` (0 or the last); returns at + n."""
+    n = src.shape[ax]
+    if ax == 0:
+        dst[at:at + n] = src
+    else:
+        dst[..., at:at + n] = src
+    return at + n
+
+
+def build_weight(f: GGUFFile, t: TensorInfo, rows: int, cols: int, layout: int) -> Weight:
+    """The weight of tensor ``t`` ([rows, cols], validated) in ``layout``, built chunk by chunk.
+
+    Each chunk of source rows is pread() from the file, split into quants/scales
+    (weight_from_raw), re-laid out (to_r8 / to_col, the same functions as for a whole tensor) and
+    copied into the final arrays, allocated once. Rows concatenate along axis 0 for ROW and R8
+    (R8: rows/8 tiles) and along the last axis for COL ([cols, rows] quants, [nb, rows] scales;
+    Q4_0 packs rows in pairs of 16 within each 32, so chunks are whole multiples of 32 rows)."""
+    if t.type == "F32" and layout == ROW:  # zero-copy: the file's pages are the weight
+        return Weight("F32", ROW, rows, cols, f.view(t).reshape(rows, cols))
+    step = max(32, CHUNK_BYTES // max(1, t.row_bytes) // 32 * 32)
+    if layout == COL and rows % QK:  # the Q4_0 -> int8 fallback of to_col needs all rows at once
+        step = rows
+    ax = 1 if layout == COL else 0
+    q = d = None
+    wtype, qo, do = t.type, 0, 0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = weight_from_raw(t.type, f.read(t, r0, r1), r1 - r0, cols)
+        w = to_r8(w) if layout == R8 else to_col(w) if layout == COL else w
+        if q is None:
+            def alloc(a: np.ndarray) -> np.ndarray:
+                shape = list(a.shape)
+                shape[ax] = a.shape[ax] * rows // (r1 - r0)  # every layout is proportional in rows
+                return np.empty(shape, a.dtype)
+            q, d, wtype = alloc(w.q), None if w.d is None else alloc(w.d), w.type
+        qo = _put(q, w.q, qo, ax)
+        if w.d is not None:
+            do = _put(d, w.d, do, ax)
+        del w
+    assert qo == q.shape[ax] and (d is None or do == d.shape[ax]), (t.name, qo, q.shape)
+    return Weight(wtype, layout, rows, cols, q, d)
 
 
 @dataclass
@@ -253,30 +303,28 @@ class NativeModel:
     def load(cls, path: str | Path, recipe: Any = None, r8: bool | None = None) -> "NativeModel":
         """recipe: None = the file's own (``sparsedge.recipe``), False = dense, or a SparsityRecipe / path.
         r8: lay quantized row-major weights out R8 (None: where this CPU has the SIMD kernels)."""
-        from gguf import GGUFReader
-
         path = Path(path).expanduser()
         if not path.is_file():
             raise SparsedgeError(f"no such GGUF file: {path}")
         try:
-            reader = GGUFReader(str(path), "r")
-        except Exception as e:  # gguf-py raises ValueError, struct errors, IndexError ... on bad files
+            reader = GGUFFile(path)
+        except (OSError, ValueError, OverflowError) as e:  # GGUFFile raises SparsedgeError for what it checks
             raise SparsedgeError(f"{path.name} is not a readable GGUF file: {type(e).__name__}: {e}") from e
         spec, extra = spec_from_gguf(reader)
         rec = _resolve_recipe(reader, recipe, spec)
-        tmap = _tensor_map(reader)
+        tmap = reader.tensors
         types: dict[str, int] = {}
 
         def raw(name: str, shape: tuple[int, ...], allowed=("F32", "F16", "Q8_0", "Q4_0")):
             t = tmap.get(name)
             if t is None:
                 raise SparsedgeError(f"GGUF lacks tensor {name!r}")
-            gtype = t.tensor_type.name
+            gtype = t.type
             if gtype not in allowed:
                 raise SparsedgeError(
                     f"tensor {name!r} has type {gtype}; the native runtime reads {', '.join(allowed)}"
                 )
-            ne = tuple(int(x) for x in t.shape)
+            ne = t.ne
             want = tuple(reversed(shape))  # GGUF lists ne0 (the contiguous axis) first
             if ne != want:
                 raise SparsedgeError(f"tensor {name!r} has shape {list(reversed(ne))}, expected {list(shape)}")
@@ -284,14 +332,14 @@ class NativeModel:
                 raise SparsedgeError(f"tensor {name!r}: {shape[-1]} columns are not whole blocks of {QK}")
             bsize = {"F32": 4 * QK, "F16": 2 * QK, "Q8_0": 34, "Q4_0": 18}[gtype]
             want_bytes = int(np.prod(shape)) // QK * bsize if gtype in ("Q8_0", "Q4_0") else int(np.prod(shape)) * bsize // QK
-            if t.data.nbytes != want_bytes:
-                raise SparsedgeError(f"tensor {name!r} holds {t.data.nbytes} bytes, expected {want_bytes} (truncated file?)")
+            if t.nbytes != want_bytes:
+                raise SparsedgeError(f"tensor {name!r} holds {t.nbytes} bytes, expected {want_bytes} (truncated file?)")
             types[gtype] = types.get(gtype, 0) + 1
-            return gtype, t.data
+            return t
 
         def vec(name: str, n: int) -> np.ndarray:
-            gtype, data = raw(name, (n,), ("F32", "F16"))
-            a = np.ascontiguousarray(data, dtype=np.float32).reshape(n)
+            t = raw(name, (n,), ("F32", "F16"))
+            a = np.ascontiguousarray(reader.view(t), dtype=np.float32).reshape(n)
             if not np.isfinite(a).all():
                 raise SparsedgeError(f"tensor {name!r} holds NaN or inf")
             return a
@@ -304,22 +352,25 @@ class NativeModel:
             r8 = _lib.prefers_r8()
         weights: dict[str, Weight] = {}
         norms: dict[str, np.ndarray] = {}
-        weights["embed"] = weight_from_raw(*raw("token_embd.weight", (spec.vocab_size, H)), spec.vocab_size, H)
-        if not spec.tie_embeddings:
-            weights["lm_head"] = weight_from_raw(*raw("output.weight", (spec.vocab_size, H)), spec.vocab_size, H)
+        V = spec.vocab_size
         # the LM head runs R8; a tied embedding is then looked up in the R8 tiles (no second copy)
-        head = "lm_head" if "lm_head" in weights else "embed"
-        if r8 and _r8_ok(weights[head]):
-            weights[head] = to_r8(weights[head])
+        emb_t = raw("token_embd.weight", (V, H))
+        head_t = emb_t if spec.tie_embeddings else raw("output.weight", (V, H))
+        head_layout = R8 if r8 and r8_ok(head_t.type, V) else ROW
+        weights["embed"] = build_weight(reader, emb_t, V, H, head_layout if spec.tie_embeddings else ROW)
+        if not spec.tie_embeddings:
+            weights["lm_head"] = build_weight(reader, head_t, V, H, head_layout)
         norms["norm"] = vec("output_norm.weight", H)
         for i in range(spec.n_layers):
             for canon, shape in shapes.items():
-                w = weight_from_raw(*raw(f"blk.{i}.{LAYER_TENSORS[canon]}.weight", shape), *shape)
+                t = raw(f"blk.{i}.{LAYER_TENSORS[canon]}.weight", shape)
                 if col_sites & set(COL_SITES[canon]):
-                    w = to_col(w)
-                elif r8 and _r8_ok(w) and not (canon == "up" and "gate_act" in col_sites):
-                    w = to_r8(w)
-                weights[f"layers.{i}.{canon}"] = w
+                    layout = COL
+                elif r8 and r8_ok(t.type, shape[0]) and not (canon == "up" and "gate_act" in col_sites):
+                    layout = R8
+                else:
+                    layout = ROW
+                weights[f"layers.{i}.{canon}"] = build_weight(reader, t, *shape, layout)
             norms[f"layers.{i}.attn_norm"] = vec(f"blk.{i}.attn_norm.weight", H)
             norms[f"layers.{i}.ffn_norm"] = vec(f"blk.{i}.{FFN_NORM}.weight", H)
             if spec.qk_norm:
@@ -371,18 +422,22 @@ def _is_mapped(a: np.ndarray) -> bool:
     b = a
     while isinstance(b, np.ndarray):  # (a copy of a memmap slice is still np.memmap, but owns its data)
         b = b.base
+    if isinstance(b, memoryview):  # np.frombuffer(map) keeps a memoryview of the map
+        b = b.obj
     return isinstance(b, mmap.mmap)
 
 
 def _resolve_recipe(reader, recipe: Any, spec: ModelSpec):
-    from ...sparsify.recipe import SparsityRecipe
-
     if recipe is False:
         return None
+    if recipe is None and _field(reader, RECIPE_KEY) is None:
+        return None
+    # only now: sparsedge.sparsify imports torch (its package __init__ and recipe.py's SITES from
+    # runtimes.torch_model), ~180 MB of RSS a dense native session must not pay
+    from ...sparsify.recipe import SparsityRecipe
+
     if recipe is None:
         text = _field(reader, RECIPE_KEY)
-        if text is None:
-            return None
         try:
             recipe = SparsityRecipe.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
