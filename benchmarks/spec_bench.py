@@ -24,18 +24,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: spinning OpenMP threads collapse
 
 
-def run_suite(rt, prompts, n, gen):
-    """(tokens per prompt, total decode seconds, summed stats) for one decoding function."""
-    outs, dec, agg = [], 0.0, {"steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.0}
-    for p in prompts:
-        st, toks = gen(p)
-        outs.append(toks)
-        dec += st.decode_s
-        for k in agg:
-            agg[k] += getattr(st, k, 0)
-    return outs, dec, agg
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
@@ -53,12 +41,10 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from sparsedge import data, load, open_runtime
+    from sparsedge import load, open_runtime
+    from sparsedge.bench.measure import run_suite, warm_drafter, warm_ids
     from sparsedge.runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
                                              generate, make_drafter, prompt_suite, speculative_generate)
-    from sparsedge.runtimes.decoding.drafters import Combined
-    from sparsedge.runtimes.decoding.drafters.ngram import NgramDrafter
-    from sparsedge.runtimes.decoding.drafters.recycle import RecycleDrafter
     from sparsedge.text import encode_prompt, stop_ids
 
     loaded = load(a.artifact, progress=False)
@@ -67,7 +53,7 @@ def main(argv=None) -> int:
     stop = stop_ids(loaded.tokenizer, loaded.spec)
     # no stop tokens: every prompt decodes exactly --tokens tokens, so runs compare like for like
     cfg = GenerationConfig(max_new_tokens=a.tokens)
-    warm_ids = data.tokenize(loaded.tokenizer, data.calibration_text()[: a.warm * 8])[: a.warm] if a.warm else None
+    seed_ids = warm_ids(loaded.tokenizer, a.warm)
     rows, plain_tps = [], {}
     for rname in [r.strip() for r in a.runtimes.split(",") if r.strip()]:
         opts = {"threads": a.threads}
@@ -84,20 +70,16 @@ def main(argv=None) -> int:
             return st, list(generate(rt, p, cfg, st))
 
         list(generate(rt, prompts[0], GenerationConfig(max_new_tokens=8)))  # warm-up
-        ref, dec, _ = run_suite(rt, prompts, a.tokens, plain)
-        n_tok = sum(len(t) - 1 for t in ref)
+        base = run_suite(prompts, plain)
+        ref, dec, n_tok = base.outputs, base.decode_s, base.decoded
         plain_tps[rname] = n_tok / dec
         rows.append({"runtime": rname, "drafter": "-", "mode": "greedy", "tok_s": round(n_tok / dec, 2),
                      "identical": True})
         print(f"{rname:12s} plain greedy {n_tok / dec:8.2f} tok/s", file=sys.stderr)
         for dname in [d.strip() for d in a.drafters.split(",") if d.strip()]:
             dr = make_drafter(dname.replace("+", ","), tgt)
-            if warm_ids is not None:
-                for d in (dr.drafters if isinstance(dr, Combined) else [dr]):
-                    if isinstance(d, RecycleDrafter):
-                        d.seed(rt, warm_ids)
-                    elif isinstance(d, NgramDrafter):
-                        d.add_corpus(warm_ids)
+            if seed_ids:
+                warm_drafter(dr, rt, seed_ids)
             for mode in [m.strip() for m in a.modes.split(",")]:
                 sc = SpecConfig(mode=mode, budget=a.budget)
 
@@ -105,16 +87,14 @@ def main(argv=None) -> int:
                     st = SpecStats()
                     return st, list(speculative_generate(rt, p, cfg, dr, sc, st))
 
-                outs, sdec, agg = run_suite(rt, prompts, a.tokens, spec)
-                same = outs == ref
-                tps = n_tok / sdec
-                steps = max(agg["steps"], 1)
+                run = run_suite(prompts, spec)
+                same = run.outputs == ref
+                tps = n_tok / run.decode_s
+                f = run.figures()
                 row = {"runtime": rname, "drafter": dname, "mode": mode, "tok_s": round(tps, 2),
-                       "identical": same, "steps": agg["steps"],
-                       "mean_accepted": round((agg["accepted"] + agg["steps"]) / steps, 3),
-                       "acceptance_rate": round(agg["accepted"] / max(agg["drafted"], 1), 3),
-                       "nodes_per_step": round(agg["drafted"] / steps, 2),
-                       "draft_s": round(agg["draft_s"], 3), "verify_s": round(agg["verify_s"], 3),
+                       "identical": same, "steps": run.steps,
+                       **{k: round(f.get(k, 0.0), 3) for k in ("mean_accepted", "acceptance_rate", "nodes_per_step",
+                                                               "draft_s", "verify_s")},
                        "vs_plain": round(tps / plain_tps[rname], 3)}
                 rows.append(row)
                 print(f"{rname:12s} {dname:24s} {mode:5s} {tps:8.2f} tok/s  x{row['vs_plain']:.2f}  "

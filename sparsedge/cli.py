@@ -20,10 +20,7 @@ MODEL_HELP = (
     f"(default: {DEFAULT_MODEL})"
 )
 # Commands of DESIGN.md that later work brings; until then they say so and fail, never fake output.
-NOT_YET = {
-    "bench": "measure end-side speedups",
-    "targets": "list device profiles and what runs on this host",
-}
+NOT_YET: dict[str, str] = {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +56,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise SparsedgeError(f"--decode {a.decode} needs --drafter (e.g. ngram, recycle, ngram,recycle)")
     if a.drafter and not speculative:
         raise SparsedgeError("--drafter needs --decode spec or tree")
-    spec = SpecConfig(mode=a.decode, budget=a.budget) if speculative else None
     loaded = load(a.model)
+    _profile_defaults(a, loaded)
+    spec = SpecConfig(mode=a.decode, budget=a.budget) if speculative else None
     opts = _runtime_opts(a)
     runtime = open_runtime(loaded, a.runtime, **opts)
     drafter = make_drafter(a.drafter, Target(runtime, loaded, a.runtime, opts)) if speculative else None
@@ -94,6 +92,24 @@ def cmd_run(a: argparse.Namespace) -> int:
     if drafter is not None:
         drafter.close()
     return 0
+
+
+def _profile_defaults(a: argparse.Namespace, loaded) -> None:
+    """`run` without --runtime on an artifact exported with --target: the profile's runtime, and its
+    threads and tree budget where not given. Otherwise the torch reference and a budget of 16."""
+    p = (loaded.manifest or {}).get("target_profile")
+    if a.runtime is None and p:
+        from .runtimes import RUNTIMES
+
+        if p["runtime"] in RUNTIMES:
+            a.runtime = p["runtime"]
+            a.threads = p["threads"] if a.threads is None else a.threads
+            a.budget = p["tree_budget"] if a.budget is None else a.budget
+        else:
+            print(f"note: target {p['name']}'s runtime {p['runtime']!r} is not in this build; running on torch",
+                  file=sys.stderr)
+    a.runtime = a.runtime or "torch"
+    a.budget = 16 if a.budget is None else a.budget
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -194,8 +210,21 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     if a.recipe and a.sparsify:
         raise SparsedgeError("give --recipe or --sparsify, not both")
-    cfg = ExportConfig(formats=_csv(a.formats), gguf_quants=_csv(a.gguf_quant),
-                       onnx_quants=_csv(a.onnx_quant), force=a.force)
+    # flags the user gave are not None (their defaults are); given ones override the profile's
+    given = {"formats": a.formats, "gguf_quants": a.gguf_quant, "onnx_quants": a.onnx_quant}
+    given = {k: None if v is None else _csv(v) for k, v in given.items()}
+    if a.target:
+        from .targets import detect_host, export_config, get_target, status
+
+        host = detect_host()  # checked before the model loads: a missing EP fails in a second
+        cfg = export_config(a.target, host, force=a.force, **given)
+        st = status(get_target(a.target), host)
+        if st.code in ("wrong-cpu", "wrong-os"):  # exporting for another device is fine; say so
+            print(f"note: target {a.target} does not run on this host ({st.text}); exporting for it anyway",
+                  file=sys.stderr)
+    else:
+        defaults = {"formats": ("gguf", "onnx"), "gguf_quants": ("q4_0",), "onnx_quants": ("int4",)}
+        cfg = ExportConfig(**{k: defaults[k] if v is None else v for k, v in given.items()}, force=a.force)
     recipe = None
     loaded = load(a.model)
     if a.recipe:
@@ -221,6 +250,39 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .bench import BenchConfig, bench
+
+    given = {k: v for k, v in {
+        "runtimes": _csv(",".join(a.runtimes)) if a.runtimes else None,
+        "recipes": tuple(a.recipes) if a.recipes else None, "scope": a.scope,
+        "decodes": tuple(a.decode) if a.decode else None, "prompts": a.prompts, "max_new_tokens": a.max_new_tokens,
+        "repeats": a.repeats, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window, "threads": a.threads,
+        "gguf_quant": a.gguf_quant, "onnx_quant": a.onnx_quant, "budget": a.budget, "warm": a.warm,
+        "calib_tokens": a.calib_tokens, "work_dir": a.work_dir}.items() if v is not None}
+    if a.no_reference:
+        given["reference"] = False
+    if a.in_process:
+        given["isolate"] = False
+    cfg = BenchConfig.quick(**given) if a.quick else dataclasses.replace(BenchConfig(), **given)
+    report = bench(a.model, a.output, cfg)  # progress bars on stderr
+    if a.json:
+        _emit(report)
+    else:
+        for c in report["configs"]:
+            sp = f"x{c['speedup']:.2f}" if c["speedup"] else ""
+            ppl = f"ppl {c['ppl']:.3f}" if c["ppl"] else "ppl n/a"
+            acc = f"  {c['mean_accepted']:.2f} tok/step" if c["mean_accepted"] else ""
+            print(f"{c['runtime']:12s} {c['variant']:14s} {c['decode']:22s} {c['decode_tok_s']:8.1f} tok/s "
+                  f"{sp:6s}  {ppl}{acc}")
+        print(f"wrote {a.output}/report.md, report.json and plots in {report['elapsed_s']:.0f}s")
+    for e in report["errors"]:
+        print(f"sparsedge: warning: {e['job']} failed: {e['error']}", file=sys.stderr)
+    return 1 if report["errors"] else 0
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .export.artifact import inspect
 
@@ -233,7 +295,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
               f"({spec['arch']}, {spec['n_layers']} layers, hidden {spec['hidden_size']})")
         r = info.get("recipe")
         print(f"  recipe: {r['method']} at {r['target_sparsity']:.0%} on {', '.join(r['sites'])}" if r else "  recipe: none (dense)")
-        print(f"  target: {info.get('target') or 'none'}")
+        print(f"  target: {_profile_line(info.get('target_profile')) or info.get('target') or 'none'}")
         for name, meta in info["files"].items():
             q = info["quality"].get(name, {})
             err = f"  rel RMS err {q['rms_rel_mean']:.4f}" if "rms_rel_mean" in q else ""
@@ -241,6 +303,50 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print("  hashes: all verified" if info["verified"] else "  PROBLEMS: " + "; ".join(info["problems"]))
     if not info["verified"]:
         raise SparsedgeError(f"{a.artifact} failed verification: {'; '.join(info['problems'])}")
+    return 0
+
+
+def _profile_cells(p: dict) -> dict[str, str]:
+    """Short table cells for a profile dict (targets.TargetProfile.to_dict(); a manifest's target_profile)."""
+    quants = {"gguf": ",".join(p["gguf_quants"]), "onnx": ",".join(p["onnx_quants"]),
+              "npu": f"qdq a:{p.get('activation_type')} w:{p.get('weight_type')}"}
+    eps = ",".join(e.removesuffix("ExecutionProvider") for e in p["providers"])
+    return {
+        "artifact": " + ".join(f"{f} {quants.get(f, '')}".strip() for f in p["formats"]),
+        "runtime": p["runtime"] + (f" ({eps})" if eps else ""),
+        "threads": str(p["threads"] or "all"),
+        "context": f"{p['context']} static, verify {p['verify_tokens']}" if p["static_shapes"] else str(p["context"]),
+        "budget": str(p["tree_budget"]),
+    }
+
+
+def _profile_line(p: dict | None) -> str:
+    if not p:
+        return ""
+    c = _profile_cells(p)
+    over = f"; overridden: {', '.join(p['overridden'])}" if p.get("overridden") else ""
+    return (f"{p['name']} ({c['artifact']}; runtime {c['runtime']}, threads {c['threads']}, context {c['context']}, "
+            f"tree budget {c['budget']}{over})")
+
+
+def cmd_targets(a: argparse.Namespace) -> int:
+    from .targets import report
+
+    r = report()
+    if a.json:
+        _emit(r)
+        return 0
+    h = r["host"]
+    feats = ", ".join(h["cpu_features"]) if h["cpu_features"] is not None else "unknown"
+    rts = ", ".join(f"{k} ({v})" if v != "installed" else k for k, v in h["runtimes"].items())
+    eps = ", ".join(e.removesuffix("ExecutionProvider") + (" (plugin)" if e in h["plugin_eps"] else "")
+                    for e in h["providers"])
+    print(f"host: {h['system']} {h['machine']}, CPU {feats}; runtimes {rts}; ONNX Runtime EPs {eps}\n")
+    cols = ("target", "artifact", "runtime", "threads", "context", "budget", "on this host")
+    rows = [(n, *_profile_cells(t).values(), t["status_text"]) for n, t in r["targets"].items()]
+    widths = [max(len(x[i]) for x in (cols, *rows)) for i in range(len(cols) - 1)]
+    for row in (cols, *rows):  # the last column unpadded: a missing package's install line is long
+        print("  ".join(f"{x:{w}s}" for x, w in zip(row, widths)) + "  " + row[-1])
     return 0
 
 
@@ -290,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = sub.add_parser("run", help="generate text", description="Generate text from a prompt, "
-                       "streaming it; reports decode tokens/s.")
+                       "streaming it; reports decode tokens/s. An artifact exported with --target runs, "
+                       "unless --runtime is given, on its profile's runtime, threads and tree budget.")
     model_arg(s)
     s.add_argument("-p", "--prompt", required=True, help="the prompt")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -307,8 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         "recycle[:MATRIX.npy] (Token Recycling), layerskip[:PLAN.json] (the model minus some layers; "
         "searched and saved in the artifact when no plan is given), sparse:RECIPE.json (the model at a "
         "high sparsity), model:PATH[@RUNTIME] (another model with the same tokenizer)"))
-    s.add_argument("--budget", type=int, default=16, help="most draft tokens per verification; fewer are "
-                   "used when the runtime's measured cost of verifying k tokens says so (default 16)")
+    # runtime and budget default to None: an artifact's target profile fills them (_profile_defaults)
+    s.set_defaults(runtime=None)
+    s.add_argument("--budget", type=int, default=None, help="most draft tokens per verification; fewer are "
+                   "used when the runtime's measured cost of verifying k tokens says so (default 16, or the artifact's "
+                   "target profile's)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("eval", help="measure perplexity", description=(
@@ -358,9 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="a recipe.json from 'sparsedge calibrate'")
     s.add_argument("--sparsify", metavar="METHOD:S", help="calibrate a recipe on the fly, e.g. teal:0.5")
     s.add_argument("--scope", default="all", help="sites for --sparsify (see calibrate --help)")
-    s.add_argument("--formats", default="gguf,onnx", help="comma list of gguf, onnx (default both)")
-    s.add_argument("--gguf-quant", default="q4_0", help="comma list of f32, f16, q8_0, q4_0, q4_k_m")
-    s.add_argument("--onnx-quant", default="int4", help="comma list of fp32, int4, int8w (8-bit weight-only), int8, qdq")
+    s.add_argument("--target", help="a device profile (see 'sparsedge targets'): its formats and "
+                   "quantization, recorded in the manifest; --formats / --gguf-quant / --onnx-quant override it")
+    # defaults None: with --target, "not given" means "the profile's"
+    s.add_argument("--formats", default=None, help="comma list of gguf, onnx (default both, or the target's)")
+    s.add_argument("--gguf-quant", default=None, help="comma list of f32, f16, q8_0, q4_0, q4_k_m "
+                   "(default q4_0, or the target's)")
+    s.add_argument("--onnx-quant", default=None, help="comma list of fp32, int4, int8w (8-bit weight-only), int8, "
+                   "qdq (default int4, or the target's)")
     s.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     s.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     s.set_defaults(func=cmd_export)
@@ -371,6 +486,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", help="artifact folder")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("targets", help="list device profiles and what runs on this host",
+                       description="List the device profiles (formats, quantization, runtime, execution "
+                       "providers, threads, static shapes, tree budget) and, for each, whether it runs on "
+                       "this host, runs emulated, or what is missing and how to install it.")
+    s.add_argument("--json", action="store_true", help="print one JSON object: host and targets")
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("bench", help="measure end-side speedups: speed, memory, quality, acceptance",
+                       description="Measure a model or artifact folder on every runtime installed (native, "
+                       "llama.cpp, ONNX Runtime, ONNX Runtime GenAI's own int4 build as a peer), dense and per "
+                       "recipe, greedy and speculative: prefill / decode tokens/s, time to first token, peak "
+                       "memory (one process per runtime and variant), perplexity and top-1 agreement with the "
+                       "dense model, acceptance statistics, and whether speculative output equals greedy's. "
+                       "Medians over repeats. Writes OUT/report.json, OUT/report.md and PNG plots. Given a "
+                       "model (not an artifact), exports what the runtimes need into OUT/artifacts first "
+                       "(reused by a rerun).")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
+                   help=MODEL_HELP + "; or an artifact folder from 'sparsedge export'")
+    s.add_argument("-o", "--output", required=True, help="folder for report.json, report.md and the plots")
+    s.add_argument("--runtimes", nargs="+", metavar="RT", help="native, llamacpp, onnxruntime, genai (ONNX "
+                   "Runtime GenAI's own build and loop), torch (slow); spaces or commas (default: every one of the "
+                   "first four that is installed)")
+    s.add_argument("--recipes", nargs="+", metavar="R", help="sparse variants: recipe.json files, or METHOD:S"
+                   "[:SCOPE] calibrated on the fly (e.g. teal:0.5:ffn); they run on native, onnxruntime and torch")
+    s.add_argument("--scope", default=None, help="sites of METHOD:S recipes without a scope (default: all)")
+    s.add_argument("--decode", nargs="+", metavar="D", help="decoding configurations: greedy, spec:DRAFTER, "
+                   "tree:DRAFTER[,DRAFTER] (drafters as in 'sparsedge run --drafter'); greedy is always measured "
+                   "(default: greedy spec:ngram tree:ngram,recycle)")
+    s.add_argument("--quick", action="store_true", help="a few minutes on smollm2-135m: 3 prompts, 64 tokens, "
+                   "3 repeats, perplexity over 1024 tokens, recipes calibrated on 4096 tokens (options given "
+                   "explicitly still win)")
+    s.add_argument("--prompts", type=int, help="first N prompts of the suite (default: all 12)")
+    s.add_argument("-n", "--max-new-tokens", type=int, help="tokens per prompt, no stop tokens (default 128)")
+    s.add_argument("--repeats", type=int, help="repeats of every configuration; figures are medians (default 3)")
+    s.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity and top-1 agreement, 0 to "
+                   "skip (default 4096)")
+    s.add_argument("--ppl-window", type=int, help="perplexity window (default 512)")
+    s.add_argument("--no-reference", action="store_true", help="skip the fp32 torch reference perplexity")
+    s.add_argument("--threads", type=int, help="CPU threads per runtime (default: every usable core)")
+    s.add_argument("--gguf-quant", help="GGUF type exported and run (default q4_0)")
+    s.add_argument("--onnx-quant", help="ONNX type exported and run, also GenAI's build precision (default int4)")
+    s.add_argument("--budget", type=int, help="most draft tokens per verification (default 16)")
+    s.add_argument("--warm", type=int, help="seed ngram / recycle drafters with N calibration-corpus tokens (default 0)")
+    s.add_argument("--calib-tokens", type=int, help="calibration tokens of METHOD:S recipes (default 16384)")
+    s.add_argument("--work-dir", help="where exported artifacts, recipes and logs go (default OUT/artifacts)")
+    s.add_argument("--in-process", action="store_true", help="measure in this process (faster to start; peak "
+                   "memory then includes runtimes measured before)")
+    s.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    s.set_defaults(func=cmd_bench)
 
     for name, what in NOT_YET.items():
         s = sub.add_parser(name, help=f"{what} (not yet available)", description=what)

@@ -1,1 +1,232 @@
-"""bench: see shared DESIGN.md §1; built by its own issue."""
+"""bench: end-side speedup measurement and reports (DESIGN.md §1).
+
+    from sparsedge.bench import BenchConfig, bench
+    report = bench("smollm2-135m", "out/", BenchConfig.quick(recipes=("teal:0.5:ffn",)))
+
+One run measures, for every runtime installed (native, llama.cpp, ONNX Runtime, and ONNX Runtime
+GenAI's own int4 build as a peer), dense and per recipe, plain greedy and each speculative
+configuration: prefill and decode tokens/s, time to first token, peak memory (medians over
+repeats; measure.py gives the protocol), perplexity and top-1 agreement with the dense model,
+acceptance statistics, and whether speculative output equals greedy's token for token. It writes
+OUT/report.json, OUT/report.md and PNG plots (report.py, plots.py).
+
+Given a model (not an artifact folder) it exports what the runtimes need into the work folder
+(GGUF for native / llama.cpp, ONNX for ONNX Runtime, one sparse artifact per recipe, GenAI's build);
+a rerun reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SparsedgeError
+from .measure import Decode, job_units, measure_job
+from .prepare import RECIPE_RUNTIMES, RecipeSpec, Variant, select_runtimes
+
+REPORT_FORMAT = 1
+
+
+@dataclass
+class BenchConfig:
+    runtimes: tuple[str, ...] | None = None  # None: every installed one of prepare.DEFAULT_RUNTIMES
+    recipes: tuple[str, ...] = ()  # recipe.json paths or METHOD:S[:SCOPE] (calibrated on the fly)
+    scope: str = "all"  # sites of METHOD:S recipes without a scope (see `sparsedge calibrate --help`)
+    decodes: tuple[str, ...] = ("greedy", "spec:ngram", "tree:ngram,recycle")  # greedy is always run
+    prompts: int = 0  # first N prompts of the suite (0: all)
+    max_new_tokens: int = 128  # per prompt, no stop tokens: every prompt decodes exactly this many
+    repeats: int = 3  # figures are medians over repeats
+    warmup_tokens: int = 16
+    ppl_tokens: int = 4096  # held-out tokens for perplexity / top-1 agreement (0: skip)
+    ppl_window: int = 512
+    reference: bool = True  # the dense model on the torch reference: the perplexity everything is compared to
+    threads: int | None = None  # None: every usable core
+    gguf_quant: str = "q4_0"
+    onnx_quant: str = "int4"
+    budget: int = 16  # most draft tokens per verification
+    warm: int = 0  # seed n-gram / recycle drafters with N calibration-corpus tokens
+    calib_tokens: int = 16384  # for METHOD:S recipes
+    isolate: bool = True  # one process per runtime × variant (honest peak memory)
+    work_dir: str | None = None  # artifacts, recipes, logs (default OUT/artifacts)
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.max_new_tokens < 2 or self.prompts < 0 or self.warmup_tokens < 1:
+            raise SparsedgeError("repeats >= 1, max_new_tokens >= 2, prompts >= 0 and warmup_tokens >= 1 are needed")
+        if self.ppl_tokens and (self.ppl_window < 2 or self.ppl_tokens < self.ppl_window):
+            raise SparsedgeError(f"perplexity needs ppl_tokens >= ppl_window >= 2 "
+                                 f"(got {self.ppl_tokens}, {self.ppl_window})")
+        if self.threads is not None and self.threads < 1:
+            raise SparsedgeError("threads must be positive")
+        for d in self.decodes:
+            Decode.parse(d)
+
+    @classmethod
+    def quick(cls, **over: Any) -> "BenchConfig":
+        """A few minutes on smollm2-135m (for `make demo`): 3 prompts, 64 tokens, 3 repeats,
+        perplexity over 1024 tokens, recipes calibrated on 4096 tokens."""
+        base = dict(prompts=3, max_new_tokens=64, repeats=3, ppl_tokens=1024, ppl_window=256, calib_tokens=4096)
+        return cls(**{**base, **over})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Plan:
+    variants: list[Variant] = field(default_factory=list)
+    genai_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+
+
+def _prepare(loaded, runtimes: list[str], recipes: list[RecipeSpec], cfg: BenchConfig, work: Path,
+             progress: bool) -> _Plan:
+    from .prepare import export_variant, get_recipe, recipe_summary, source_folder
+
+    plan = _Plan()
+    proto = [r for r in runtimes if r != "genai"]
+    if loaded.manifest is None:
+        if proto:
+            art, reused = export_variant(loaded, work / "dense", proto, cfg.gguf_quant, cfg.onnx_quant,
+                                         progress=progress)
+            plan.variants.append(Variant("dense", art, None, proto))
+            plan.artifacts["dense"] = {"path": str(art), "reused": reused}
+    else:
+        have = {"gguf": loaded.manifest.get("gguf_quants"), "onnx": loaded.manifest.get("onnx_quants")}
+        runnable = [r for r in proto if have["onnx" if r == "onnxruntime" else "gguf"]]
+        for r in set(proto) - set(runnable):
+            plan.notes.append(f"{r}: the artifact has no {'ONNX' if r == 'onnxruntime' else 'GGUF'} file, skipped")
+        r = loaded.manifest.get("recipe")
+        if r is None:
+            plan.variants.append(Variant("dense", Path(loaded.path), None, runnable))
+        else:  # the artifact's own recipe is a variant; its GGUF without the recipe is the dense one
+            name = f"{r['method']}:{r['target_sparsity']:g}"
+            dense_rts = [x for x in runnable if x in ("native", "llamacpp")]  # native opens it with recipe=False
+            plan.variants.append(Variant("dense", Path(loaded.path), None, dense_rts))
+            plan.variants.append(Variant(name, Path(loaded.path), r, [x for x in runnable if x in RECIPE_RUNTIMES]))
+        plan.artifacts["dense"] = {"path": str(loaded.path), "reused": True}
+    sparse_rts = [r for r in proto if r in RECIPE_RUNTIMES]
+    if recipes and not sparse_rts:
+        plan.notes.append(f"recipes need one of the runtimes {', '.join(RECIPE_RUNTIMES)}; none selected")
+    for spec in recipes if sparse_rts else []:
+        recipe = get_recipe(spec, loaded, work / "recipes", cfg.calib_tokens, progress)
+        art, reused = export_variant(loaded, work / spec.slug, sparse_rts, cfg.gguf_quant, cfg.onnx_quant,
+                                     recipe, progress)
+        plan.variants.append(Variant(spec.label, art, recipe_summary(recipe), sparse_rts))
+        plan.artifacts[spec.label] = {"path": str(art), "reused": reused, "recipe": recipe_summary(recipe)}
+    if "genai" in runtimes:
+        from .genai import build_genai
+
+        hf = source_folder(loaded)
+        if hf is None:
+            plan.notes.append("genai: the source model's HF folder is not available, skipped")
+        else:
+            out = work / f"genai-{cfg.onnx_quant}"
+            reused = out.is_dir()
+            plan.genai_dir = build_genai(hf, out, cfg.onnx_quant)
+            plan.artifacts["genai"] = {"path": str(out), "reused": reused, "source": str(hf)}
+    return plan
+
+
+def _jobs(model: str, loaded, plan: _Plan, cfg: BenchConfig, prompts: list[list[int]]) -> list[dict]:
+    threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    ppl = {"window": cfg.ppl_window, "max_tokens": cfg.ppl_tokens} if cfg.ppl_tokens else None
+    common = {"threads": threads, "isolated": cfg.isolate, "prompts": prompts, "max_new_tokens": cfg.max_new_tokens,
+              "repeats": cfg.repeats,
+              "warmup_tokens": cfg.warmup_tokens, "budget": cfg.budget, "warm": cfg.warm, "ppl": ppl}
+    decodes = list(dict.fromkeys(["greedy", *[Decode.parse(d).label for d in cfg.decodes]]))
+    jobs = []
+    from .prepare import installed
+
+    dense_source = loaded.manifest is None or not loaded.manifest.get("recipe")
+    if ppl and cfg.reference and dense_source and installed("torch"):
+        jobs.append({**common, "label": "reference", "model": model, "runtime": "torch", "variant": "reference",
+                         "decodes": [], "repeats": 1})
+    quant = {"native": cfg.gguf_quant, "llamacpp": cfg.gguf_quant, "onnxruntime": cfg.onnx_quant}
+    for v in plan.variants:
+        for r in v.runtimes:
+            opts = {"recipe": False} if (r == "native" and v.name == "dense" and loaded.manifest
+                                         and loaded.manifest.get("recipe")) else {}
+            jobs.append({**common, "label": f"{r}/{v.name}", "model": str(v.artifact), "runtime": r,
+                         "variant": v.name, "quant": quant.get(r), "open_opts": opts, "decodes": decodes})
+    if plan.genai_dir is not None:
+        jobs.append({**common, "label": "genai/dense", "model": str(plan.variants[0].artifact) if plan.variants
+                     else model, "runtime": "genai", "variant": "dense", "genai_dir": str(plan.genai_dir),
+                     "decodes": ["greedy"]})
+    return jobs
+
+
+def _slug(label: str) -> str:
+    return label.replace("/", "_").replace(":", "-").replace(",", "+")
+
+
+def _run_job(job: dict, work: Path, isolate: bool, bar) -> dict:
+    if not isolate:
+        return measure_job(job, bar.update)
+    for d in ("jobs", "logs"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    jp, rp = work / "jobs" / f"{_slug(job['label'])}.json", work / "jobs" / f"{_slug(job['label'])}.result.json"
+    log = work / "logs" / f"{_slug(job['label'])}.log"
+    jp.write_text(json.dumps(job))
+    rp.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    with open(log, "w") as lf:
+        p = subprocess.Popen([sys.executable, "-m", "sparsedge.bench.worker", str(jp), str(rp)],
+                             stdout=subprocess.PIPE, stderr=lf, text=True, env=env)
+        for line in p.stdout:
+            if line.startswith("progress "):
+                bar.update(int(line.split()[1]))
+        rc = p.wait()
+    if rc != 0 or not rp.is_file():
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        return {"label": job["label"], "runtime": job["runtime"], "variant": job["variant"],
+                "error": (lines[-1] if lines else f"exit code {rc}") + f" (log: {log})"}
+    return json.loads(rp.read_text())
+
+
+def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
+    """Measure a model (built-in name, HF folder, .gguf, hub id) or an artifact folder; write
+    OUT/report.json, OUT/report.md and OUT/*.png; return the report (report.json's content)."""
+    from tqdm import tqdm
+
+    from ..runtimes.decoding import prompt_suite
+    from ..sources import load
+    from ..text import encode_prompt
+    from .report import assemble, write
+
+    cfg = cfg or BenchConfig()
+    t0 = time.perf_counter()
+    # everything that can be checked before any work is checked first
+    runtimes, notes = select_runtimes(tuple(cfg.runtimes) if cfg.runtimes else None)
+    recipes = [RecipeSpec.parse(r, cfg.scope) for r in cfg.recipes]
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SparsedgeError(f"{out} exists and is not a folder")
+    work = Path(cfg.work_dir).expanduser() if cfg.work_dir else out / "artifacts"
+    loaded = load(model, progress=progress)
+    work.mkdir(parents=True, exist_ok=True)
+
+    plan = _prepare(loaded, runtimes, recipes, cfg, work, progress)
+    suite = prompt_suite()[: cfg.prompts or None]
+    prompts = [encode_prompt(loaded.tokenizer, p["prompt"], chat=p["chat"]).tolist() for p in suite]
+    jobs = _jobs(model, loaded, plan, cfg, prompts)
+    results = []
+    with tqdm(total=sum(job_units(j) for j in jobs), desc="bench", unit="step", file=sys.stderr,
+              disable=not progress) as bar:
+        for job in jobs:
+            bar.set_postfix_str(job["label"])
+            results.append(_run_job(job, work, cfg.isolate, bar))
+    report = assemble(model, cfg, results, plan, notes, [p["id"] for p in suite], [len(p) for p in prompts],
+                      elapsed_s=time.perf_counter() - t0)
+    write(report, out)
+    return report
+
+
+__all__ = ["BenchConfig", "bench", "Decode"]

@@ -142,6 +142,7 @@ def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bo
             "gguf_quants": list(cfg.gguf_quants) if "gguf" in cfg.formats else [],
             "onnx_quants": list(cfg.onnx_quants) if "onnx" in cfg.formats else [],
             "target": cfg.target,
+            "target_profile": cfg.extra.get("target_profile"),  # the profile as exported (targets/)
             "quality": reports,
             "export_s": round(time.perf_counter() - t0, 2),
             "files": _file_table(tmp),

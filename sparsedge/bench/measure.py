@@ -1,0 +1,317 @@
+"""Measuring one runtime × variant (dense or a recipe) on the prompt suite: every decoding
+configuration, repeated, with peak memory per configuration, then perplexity.
+
+Runs in a fresh process per runtime × variant (worker.py) so that the memory figures are those of
+that runtime alone; ``measure_job`` is the whole job, ``run_suite`` / ``warm_drafter`` are the
+pieces benchmarks/spec_bench.py shares.
+
+Timing protocol (what makes the figures reproduce on a shared machine):
+- a warm-up generation pages the weights in and, for speculative decodes, measures the runtime's
+  cost curve t(k)/t(1) once (cached per runtime), outside every timed run;
+- every repeat runs all decoding configurations in turn (interleaved), so a burst of other work
+  hits all of them alike; the report gives the median over repeats (and min / max);
+- no stop tokens: every prompt decodes exactly ``max_new_tokens``, so runs compare like for like;
+- a speculative configuration gets a fresh drafter per repeat (warm across the prompts of one
+  repeat, as in a server): a drafter kept across repeats would find the previous repeat's outputs
+  in its n-gram cache and accept far more than on new text.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import SparsedgeError
+
+MODES = ("greedy", "spec", "tree")
+
+# How peak memory is measured (recorded in every report).
+MEMORY_METHOD = (
+    "peak resident set size (VmHWM of /proc/self/status) of a fresh process that loads only this "
+    "runtime and variant; the peak is reset (write 5 to /proc/self/clear_refs) before each "
+    "configuration's runs, so each figure is the highest RSS while that configuration ran, with "
+    "the weights resident; load = the peak while opening the runtime and warming up"
+)
+MEMORY_METHOD_FALLBACK = "lifetime peak RSS of the process (ru_maxrss): the peak cannot be reset here"
+MEMORY_METHOD_INPROCESS = ("peak RSS (VmHWM, reset before each configuration) of the bench process itself "
+                           "(isolate=False): memory of runtimes measured before is included")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0). False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS in MiB since the last ``reset_peak`` (or since it started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+# ------------------------------------------------------------------------------ decoding configurations
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decoding configuration: ``greedy``, ``spec:DRAFTER`` (a drafted chain per step) or
+    ``tree:DRAFTER[,DRAFTER...]`` (a draft tree per step; drafters as in ``sparsedge run``)."""
+
+    mode: str
+    drafter: str | None = None
+
+    @classmethod
+    def parse(cls, s: str) -> "Decode":
+        mode, _, drafter = s.strip().partition(":")
+        if mode not in MODES:
+            raise SparsedgeError(f"unknown decoding {s!r}: expected greedy, spec:DRAFTER or tree:DRAFTER "
+                                 "(e.g. spec:ngram, tree:ngram,recycle)")
+        if mode == "greedy" and drafter:
+            raise SparsedgeError(f"greedy decoding takes no drafter (got {s!r})")
+        if mode != "greedy" and not drafter:
+            raise SparsedgeError(f"{mode} decoding needs a drafter, e.g. {mode}:ngram (got {s!r})")
+        if drafter:
+            from ..runtimes.decoding.drafters import names
+
+            known = names()
+            for part in drafter.split(","):
+                if part.partition(":")[0].strip() not in known:
+                    raise SparsedgeError(f"unknown drafter {part!r} in {s!r} (known: {', '.join(known)})")
+        return cls(mode, drafter or None)
+
+    @property
+    def label(self) -> str:
+        return self.mode if self.drafter is None else f"{self.mode}:{self.drafter}"
+
+
+# ------------------------------------------------------------------------------ one pass over the suite
+
+
+@dataclass
+class SuiteRun:
+    """One pass over the prompts with one decoding function; times summed over prompts."""
+
+    outputs: list[list[int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0  # prompt forwards + first token, summed (each prompt's time to first token)
+    decoded: int = 0  # tokens after each prompt's first (the ones decode_s times)
+    decode_s: float = 0.0
+    steps: int = 0  # speculative only: verification forwards, draft nodes verified / accepted
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def figures(self) -> dict:
+        n = max(len(self.outputs), 1)
+        out = {"prefill_tok_s": self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0,
+               "decode_tok_s": self.decoded / self.decode_s if self.decode_s else 0.0,
+               "ttft_ms": 1e3 * self.prefill_s / n}
+        if self.steps:
+            out.update(steps=self.steps, drafted=self.drafted, accepted=self.accepted,
+                       mean_accepted=(self.accepted + self.steps) / self.steps,
+                       acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
+                       nodes_per_step=self.drafted / self.steps, draft_s=self.draft_s, verify_s=self.verify_s)
+        return out
+
+
+def run_suite(prompts: Sequence[Sequence[int]], gen: Callable) -> SuiteRun:
+    """``gen(prompt) -> (stats, tokens)`` over every prompt (stats: GenerationStats / SpecStats)."""
+    run = SuiteRun()
+    for p in prompts:
+        st, toks = gen(p)
+        run.outputs.append(list(toks))
+        run.prompt_tokens += st.prompt_tokens
+        run.prefill_s += st.prefill_s
+        run.decoded += max(st.new_tokens - 1, 0)
+        run.decode_s += st.decode_s
+        for k in ("steps", "drafted", "accepted", "draft_s", "verify_s"):
+            setattr(run, k, getattr(run, k) + getattr(st, k, 0))
+    return run
+
+
+def warm_drafter(drafter, runtime, ids: Sequence[int]) -> None:
+    """Seed a drafter's warm state from corpus tokens (not the prompts): recycle's matrix from one
+    teacher-forced pass of the target, the n-gram cache from the text itself."""
+    from ..runtimes.decoding.drafters import Combined
+    from ..runtimes.decoding.drafters.ngram import NgramDrafter
+    from ..runtimes.decoding.drafters.recycle import RecycleDrafter
+
+    for d in (drafter.drafters if isinstance(drafter, Combined) else [drafter]):
+        if isinstance(d, RecycleDrafter):
+            d.seed(runtime, ids)
+        elif isinstance(d, NgramDrafter):
+            d.add_corpus(ids)
+
+
+def warm_ids(tokenizer, n: int) -> list[int] | None:
+    """The first n tokens of the calibration corpus (disjoint from the evaluation text)."""
+    from .. import data
+
+    return data.tokenize(tokenizer, data.calibration_text()[: n * 8])[:n].tolist() if n else None
+
+
+def summarize(reps: list[dict]) -> dict:
+    """Median of each figure over repeats, and the min / max of decode tok/s."""
+    keys = [k for k in reps[0] if isinstance(reps[0][k], (int, float))]
+    med = {k: float(np.median([r[k] for r in reps])) for k in keys}
+    tps = [r["decode_tok_s"] for r in reps]
+    med["decode_tok_s_min"], med["decode_tok_s_max"] = min(tps), max(tps)
+    return med
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def _ppl(rt, tokenizer, ppl: dict) -> dict:
+    from ..data import PplProtocol, perplexity
+
+    r = perplexity(rt, tokenizer=tokenizer, protocol=PplProtocol(window=ppl["window"], max_tokens=ppl["max_tokens"]),
+                   progress=False)
+    return {"ppl": r.ppl, "eval_tokens": r.eval_tokens, "corpus": r.corpus, "corpus_hash": r.corpus_hash,
+            "protocol": r.protocol, "argmax": r.argmax.tolist()}
+
+
+def _open(job: dict, loaded):
+    """(runtime, Target opts) for a job; GenAI peers get their own adapter."""
+    if job["runtime"] == "genai":
+        from .genai import GenAIRuntime
+
+        return GenAIRuntime(job["genai_dir"], threads=job["threads"]), {}
+    from ..runtimes import open_runtime
+
+    opts = {"threads": job["threads"], **({"quant": job["quant"]} if job.get("quant") else {})}
+    return open_runtime(loaded, job["runtime"], **opts, **job.get("open_opts", {})), opts
+
+
+def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Measure one runtime × variant. ``job``: model (artifact folder or model argument), runtime,
+    quant, threads, prompts (token ids), max_new_tokens, repeats, warmup_tokens, decodes (labels),
+    budget, warm (corpus tokens seeding drafters), ppl ({window, max_tokens} or None).
+    Returns per decode: per-repeat figures, medians, acceptance, lossless check, peak memory."""
+    from ..runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target, generate,
+                                     make_drafter, speculative_generate)
+
+    from ..sources import load
+
+    loaded = load(job["model"], progress=False)
+    # the process before any weights: interpreter, libraries, tokenizer (runtime memory = peak - base)
+    can_reset = reset_peak()
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    rt, opts = _open(job, loaded)
+    load_s = time.perf_counter() - t0
+    prompts = job["prompts"]
+    cfg = GenerationConfig(max_new_tokens=job["max_new_tokens"])
+    decodes = [Decode.parse(d) for d in job["decodes"]]
+    target = Target(rt, loaded, job["runtime"], opts)
+    seed_ids = warm_ids(loaded.tokenizer, job.get("warm", 0))
+    spec_cfg = {d: SpecConfig(mode=d.mode, budget=job["budget"]) for d in decodes if d.drafter}
+
+    def drafter_for(d: Decode):
+        dr = make_drafter(d.drafter, target)
+        if seed_ids:
+            warm_drafter(dr, rt, seed_ids)
+        return dr
+
+    def gen_fn(d: Decode, dr):
+        if d.drafter is None:
+            if hasattr(rt, "generate"):  # a peer with its own decoding loop (GenAI)
+                return lambda p: rt.generate(p, cfg)
+
+            def plain(p):
+                st = GenerationStats()
+                return st, list(generate(rt, p, cfg, st))
+            return plain
+
+        def spec(p):
+            st = SpecStats()
+            toks = list(speculative_generate(rt, p, cfg, dr, spec_cfg[d], st))
+            mode[d], curve[d] = st.mode, st.cost
+            return st, toks
+        return spec
+
+    # warm-up: page the weights in, measure the cost curve of speculative decoding (cached per runtime)
+    warm_cfg = GenerationConfig(max_new_tokens=job["warmup_tokens"])
+    if hasattr(rt, "generate"):
+        rt.generate(prompts[0], warm_cfg)
+    else:
+        list(generate(rt, prompts[0], warm_cfg))
+    mode: dict[Decode, str] = {}
+    curve: dict[Decode, dict] = {}
+    for d in decodes:
+        if d.drafter:
+            dr = drafter_for(d)
+            list(speculative_generate(rt, prompts[0], warm_cfg, dr, spec_cfg[d]))
+            dr.close()
+    load_peak = peak_rss_mb()
+    progress(1)
+
+    reps: dict[Decode, list[dict]] = {d: [] for d in decodes}
+    outs: dict[Decode, list[list[list[int]]]] = {d: [] for d in decodes}
+    peaks: dict[Decode, float] = {d: 0.0 for d in decodes}
+    for _ in range(job["repeats"]):
+        for d in decodes:
+            dr = drafter_for(d) if d.drafter else None
+            reset_peak()
+            run = run_suite(prompts, gen_fn(d, dr))
+            peaks[d] = max(peaks[d], peak_rss_mb())
+            if dr is not None:
+                dr.close()
+            reps[d].append(run.figures())
+            outs[d].append(run.outputs)
+            progress(1)
+
+    greedy = next((d for d in decodes if d.drafter is None), None)
+    ref = outs[greedy][0] if greedy else None
+    results = []
+    for d in decodes:
+        same = [a == b for a, b in zip(outs[d][0], ref)] if ref is not None else []
+        entry = {"decode": d.label, "mode": mode.get(d, d.mode), "drafter": d.drafter,
+                 "repeats": reps[d], **summarize(reps[d]), "peak_rss_mb": peaks[d],
+                 # lossless: every repeat's output of every prompt equals greedy's first run
+                 "identical": ref is not None and all(o == ref for o in outs[d]),
+                 "identical_prompts": sum(same), "prompts": len(prompts),
+                 "first_tokens": outs[d][0][0][:16]}
+        if d.drafter:
+            entry["cost_curve"] = curve.get(d)  # t(k)/t(1) the trees were sized from
+        results.append(entry)
+
+    ppl = None
+    if job.get("ppl"):
+        reset_peak()
+        ppl = _ppl(rt, loaded.tokenizer, job["ppl"])
+        ppl["peak_rss_mb"] = peak_rss_mb()
+        progress(1)
+    getattr(rt, "close", lambda: None)()
+    return {"label": job["label"], "runtime": job["runtime"], "variant": job["variant"],
+            "runtime_file": str(getattr(rt, "path", "") or job.get("genai_dir", "")),
+            "exact_trees": getattr(rt, "exact_trees", True), "threads": job["threads"], "load_s": load_s,
+            "load_peak_rss_mb": load_peak, "base_rss_mb": base,
+            "memory_method": (MEMORY_METHOD_FALLBACK if not can_reset else
+                              MEMORY_METHOD if job.get("isolated", True) else MEMORY_METHOD_INPROCESS),
+            "decodes": results, "ppl": ppl, "pid": os.getpid()}
+
+
+def job_units(job: dict) -> int:
+    """Progress steps a job reports: warm-up, one per decode per repeat, perplexity."""
+    return 1 + len(job["decodes"]) * job["repeats"] + (1 if job.get("ppl") else 0)

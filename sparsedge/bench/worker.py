@@ -1,0 +1,34 @@
+"""One bench job in a process of its own: ``python -m sparsedge.bench.worker JOB.json RESULT.json``.
+
+A fresh process per runtime × variant keeps each peak-memory figure to that runtime alone.
+Progress goes to stdout as lines ``progress N`` (the parent's bar counts them); logs to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads wait passively at barriers: spinning collapses 2-thread decoding on a shared CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    from .measure import measure_job
+
+    job_path, out_path = argv
+    job = json.loads(open(job_path).read())
+
+    def progress(n: int) -> None:
+        print(f"progress {n}", flush=True)
+
+    result = measure_job(job, progress)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,205 @@
+"""sparsedge bench on a tiny random model: report structure, files and plots, figures that agree
+with each other and with `sparsedge eval`, lossless speculative rows, GenAI as a peer in worker
+processes, bad input; and one end-to-end `bench --quick` on the real default model (slow).
+Nothing here checks a speed: only that the figures exist, are finite and consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sparsedge import SparsedgeError
+from sparsedge.bench import BenchConfig, bench
+from sparsedge.cli import main
+from tiny import save_folder
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DECODES = ("greedy", "spec:ngram", "tree:ngram,recycle")
+
+
+def _small(**over) -> BenchConfig:
+    base = dict(recipes=("teal:0.5",), decodes=DECODES, prompts=2, max_new_tokens=40, repeats=2,
+                warmup_tokens=4, ppl_tokens=512, ppl_window=128, threads=1, gguf_quant="f32", onnx_quant="fp32",
+                calib_tokens=1024, isolate=False)
+    return BenchConfig(**{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    # varied greedy text (init_range 0.3), so that drafters have something to accept
+    return str(save_folder("llama", tmp_path_factory.mktemp("bench") / "hf", init_range=0.3))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("report")
+    cfg = _small(runtimes=("native", "llamacpp", "onnxruntime"))
+    return out, bench(tiny_model, out, cfg, progress=False), cfg
+
+
+def test_report_files_and_plots(run):
+    out, report, _ = run
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("tokens_per_s.png", "speedup_vs_ppl.png", "acceptance.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    md = (out / "report.md").read_text()
+    for c in report["configs"]:  # one table row per configuration
+        assert f"| {c['runtime']} | {c['variant']} | {c['decode']}" in md
+    assert "tokens_per_s.png" in md and "Peak memory:" in md
+    assert report["errors"] == []
+
+
+def test_every_configuration_is_measured(run):
+    _, report, cfg = run
+    got = {(c["runtime"], c["variant"], c["decode"]) for c in report["configs"]}
+    # recipes run on the runtimes that apply them; llama.cpp only dense
+    want = {(r, v, d) for r in ("native", "llamacpp", "onnxruntime") for v in ("dense", "teal:0.5") for d in DECODES
+            if v == "dense" or r != "llamacpp"}
+    assert got == want
+    assert report["settings"]["prompt_ids"] and len(report["settings"]["prompt_tokens"]) == cfg.prompts
+    assert report["host"]["logical_cores"] >= 1 and report["host"]["cpu"]
+    assert report["versions"]["sparsedge"] and report["versions"]["numpy"]
+    assert report["settings"]["repeats"] == cfg.repeats and report["settings"]["threads_used"] == 1
+
+
+def test_figures_are_sane_and_consistent(run):
+    _, report, cfg = run
+    for c in report["configs"]:
+        assert len(c["repeats"]) == cfg.repeats
+        assert c["decode_tok_s_min"] <= c["decode_tok_s"] <= c["decode_tok_s_max"]
+        assert min(c["repeats"]) == c["decode_tok_s_min"] and max(c["repeats"]) == c["decode_tok_s_max"]
+        for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb"):
+            assert math.isfinite(c[k]) and c[k] > 0, (k, c)
+        if c["decode"] == "greedy":
+            assert c["speedup"] == (1.0 if c["variant"] == "dense" else c["speedup"])
+        if c["runtime"] == "llamacpp" and c["variant"] == "dense" and c["decode"] == "greedy":
+            assert c["vs_llamacpp"] == 1.0
+
+
+def test_speculative_rows_are_lossless_with_consistent_acceptance(run):
+    _, report, cfg = run
+    spec = [c for c in report["configs"] if c["drafter"]]
+    assert len(spec) == 10
+    accepted_somewhere = False
+    for c in spec:
+        assert c["identical"] and c["identical_prompts"] == c["prompts"] == cfg.prompts, c
+        assert 1.0 <= c["mean_accepted"] <= cfg.budget + 1 and 0.0 <= c["acceptance_rate"] <= 1.0
+        # tokens per step x steps = what the verification steps produced: every token but each
+        # prompt's first (from the prefill), plus at most a budget's worth cut off at the end
+        produced = round(c["mean_accepted"] * c["steps"])
+        assert cfg.prompts * (cfg.max_new_tokens - 1) <= produced <= cfg.prompts * (cfg.max_new_tokens - 1 + cfg.budget)
+        assert c["cost_curve"]["1"] == 1.0
+        accepted_somewhere |= c["mean_accepted"] > 1.0
+        if c["runtime"] == "llamacpp":  # inexact tree rows: chains only
+            assert c["mode"] == "spec"
+    assert accepted_somewhere
+
+
+def test_perplexity_matches_eval_and_top1_is_against_dense(run, tiny_model, capsys):
+    out, report, cfg = run
+    runs = {(u["runtime"], u["variant"]): u for u in report["runs"]}
+    dense_art = report["artifacts"]["dense"]["path"]
+    for rt in ("native", "onnxruntime"):
+        assert main(["eval", dense_art, "--runtime", rt, "--max-tokens", str(cfg.ppl_tokens),
+                     "--window", str(cfg.ppl_window), "--threads", "1", "--json"]) == 0
+        ev = json.loads(capsys.readouterr().out)
+        assert runs[(rt, "dense")]["ppl"] == pytest.approx(ev["ppl"], abs=1e-4)
+        assert runs[(rt, "dense")]["top1_vs_dense"] == 1.0 and runs[(rt, "dense")]["ppl_vs_dense"] == 1.0
+        sparse = runs[(rt, "teal:0.5")]
+        assert sparse["top1_vs_dense"] < 1.0 and sparse["ppl"] != runs[(rt, "dense")]["ppl"]
+        assert sparse["ppl_vs_dense"] == pytest.approx(sparse["ppl"] / runs[(rt, "dense")]["ppl"])
+    # the reference is `sparsedge eval MODEL` (torch, fp32)
+    assert main(["eval", tiny_model, "--max-tokens", str(cfg.ppl_tokens), "--window", str(cfg.ppl_window),
+                 "--json"]) == 0
+    assert report["reference"]["ppl"] == pytest.approx(json.loads(capsys.readouterr().out)["ppl"], abs=1e-4)
+    # f32 GGUF / fp32 ONNX of the same weights: top-1 equals the reference's nearly everywhere
+    assert runs[("native", "dense")]["top1_vs_reference"] > 0.98
+
+
+def test_artifact_input_in_worker_processes_with_genai_peer(run, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    out, first, _ = run
+    art = first["artifacts"]["dense"]["path"]
+    cfg = _small(runtimes=("native", "genai"), recipes=(), decodes=("greedy", "spec:ngram"), repeats=1,
+                 isolate=True, work_dir=str(tmp_path / "work"))
+    report = bench(art, tmp_path / "r2", cfg, progress=False)
+    assert report["errors"] == []
+    got = {(c["runtime"], c["decode"]) for c in report["configs"]}
+    assert got == {("native", "greedy"), ("native", "spec:ngram"), ("genai", "greedy")}
+    assert report["memory_method"].startswith("peak resident set size") and "fresh process" in report["memory_method"]
+    runs = {u["runtime"]: u for u in report["runs"]}
+    # GenAI's fp32 build of the same source weights: same perplexity protocol, nearly the same figure
+    assert runs["genai"]["ppl"] == pytest.approx(runs["native"]["ppl"], rel=1e-3)
+    assert runs["native"]["ppl"] == pytest.approx(
+        {(u["runtime"], u["variant"]): u for u in first["runs"]}[("native", "dense")]["ppl"], abs=1e-6)
+    assert all((tmp_path / "work" / "logs" / f).exists() for f in ("native_dense.log", "genai_dense.log"))
+
+
+def test_cli_json_prints_one_report(run, tiny_model, tmp_path, capsys):
+    out, first, _ = run
+    work = str(out / "artifacts")  # reuse the exported artifacts
+    assert main(["bench", tiny_model, "-o", str(tmp_path / "cli"), "--runtimes", "native", "--decode", "greedy",
+                 "spec:ngram", "--prompts", "1", "-n", "6", "--repeats", "1", "--ppl-tokens", "0", "--threads", "1",
+                 "--gguf-quant", "f32", "--onnx-quant", "fp32", "--work-dir", work, "--in-process", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["decode"] for c in report["configs"]] == ["greedy", "spec:ngram"]
+    assert report["artifacts"]["dense"]["reused"] and report["reference"] is None
+    assert report["configs"][0]["ppl"] is None and "n/a" in (tmp_path / "cli" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("over, msg", [
+    (dict(runtimes=("nope",)), "unknown runtime 'nope'"),
+    (dict(recipes=("missing/recipe.json",)), "no such recipe file"),
+    (dict(recipes=("teal:1.5",)), "sparsity"),
+    (dict(recipes=("nosuch:0.5",)), "nosuch"),
+])
+def test_bad_input_fails_before_any_work(tiny_model, tmp_path, over, msg):
+    with pytest.raises(SparsedgeError, match=msg):
+        bench(tiny_model, tmp_path / "o", _small(**over), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("decode, msg", [("spec", "needs a drafter"), ("tree:nosuch", "unknown drafter"),
+                                         ("beam", "unknown decoding"), ("greedy:ngram", "takes no drafter")])
+def test_bad_decodes(decode, msg):
+    with pytest.raises(SparsedgeError, match=msg):
+        BenchConfig(decodes=("greedy", decode))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sparsedge: error: no such file or folder") and err.count("\n") == 1
+    assert main(["bench", str(tmp_path / "x"), "-o", str(tmp_path / "o"), "--runtimes", "native,cuda"]) == 1
+    assert "unknown runtime 'cuda'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    helptext = capsys.readouterr().out
+    for opt in ("--runtimes", "--recipes", "--decode", "--quick", "--repeats", "--json", "--ppl-tokens", "--warm"):
+        assert opt in helptext
+
+
+# ------------------------------------------------------------------------------ the real default model
+
+
+@pytest.mark.slow
+def test_quick_bench_on_the_default_model(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    # GGUF runtimes only: the ONNX int4 export and its slower runtime would double the time
+    assert main(["bench", "smollm2-135m", "--quick", "--runtimes", "native", "llamacpp",
+                 "--decode", "greedy", "spec:ngram", "-o", str(tmp_path / "q"), "--threads", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"] == []
+    assert (tmp_path / "q" / "report.md").is_file() and (tmp_path / "q" / "tokens_per_s.png").is_file()
+    runs = {u["runtime"]: u for u in report["runs"]}
+    assert 12 < report["reference"]["ppl"] < 40  # 1024 held-out tokens, windows of 256
+    assert runs["native"]["ppl_vs_reference"] < 1.5 and runs["llamacpp"]["ppl_vs_reference"] < 1.5
+    for c in report["configs"]:
+        assert c["decode_tok_s"] > 5 and c["peak_rss_mb"] > 50
+        if c["drafter"]:
+            assert c["identical"] and c["mean_accepted"] >= 1.0
