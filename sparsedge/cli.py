@@ -354,6 +354,10 @@ def _runtime_opts(a: argparse.Namespace) -> dict:
     opts = {"threads": a.threads}
     if a.quant:
         opts["quant"] = a.quant
+    if getattr(a, "provider", None):
+        if a.runtime != "npu":
+            raise SparsedgeError("--provider applies to --runtime npu")
+        opts["provider"] = a.provider
     return opts
 
 
@@ -388,8 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
-        sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp, onnxruntime or native "
-                        "(sparse C kernels); all but torch run artifact folders (default: torch)")
+        sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp, onnxruntime, native "
+                        "(sparse C kernels) or npu (static QDQ graphs of --target qualcomm-npu); all but torch "
+                        "run artifact folders (default: torch)")
+        sp.add_argument("--provider", choices=("qnn", "cpu"), help="--runtime npu: the QNN HTP backend (default; "
+                        "CPU fallback disabled) or ONNX Runtime's CPU provider on the same graphs")
         sp.add_argument("--quant", help="which file of an artifact to run (e.g. q4_0, f32, int4, fp32); "
                         "default: the fastest for the runtime")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")

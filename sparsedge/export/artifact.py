@@ -6,6 +6,9 @@ is inside and lets ``inspect`` re-verify it.
     OUT/recipe.json        when the export carries a sparsity recipe
     OUT/model.<q>.gguf     one GGUF per requested quant type (recipe under `sparsedge.recipe`)
     OUT/onnx/model.<k>.onnx  fp32 and/or quantized ONNX decoders with KV cache
+    OUT/npu/model.k<T>.onnx  static-shape QDQ decoders for NPUs (format "npu"): one graph for
+                           decoding (T = 1) and one for verifying drafts (T = npu_verify_tokens),
+                           over a fixed cache of npu_context slots, quantized with shared scales
     OUT/tokenizer.json, tokenizer_config.json, ...   the tokenizer (and chat template)
 
 ``export`` builds all of it in a temporary folder beside OUT and renames it at the end: an export
@@ -29,7 +32,8 @@ from ..errors import SparsedgeError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-FORMATS = ("gguf", "onnx")
+FORMATS = ("gguf", "onnx", "npu")
+NPU_DIR = "npu"
 
 
 @dataclass
@@ -40,11 +44,18 @@ class ExportConfig:
     force: bool = False
     target: str | None = None  # device profile name, recorded in the manifest
     extra: dict[str, Any] = field(default_factory=dict)
+    # format "npu": static graphs (sparsedge.export.onnx.StaticShape) quantized QDQ for an NPU
+    npu_context: int = 512
+    npu_verify_tokens: int = 8
+    npu_activation_type: str = "uint16"
+    npu_weight_type: str = "uint8"
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise SparsedgeError(f"unknown format {', '.join(bad) or '(none)'} (known: {', '.join(FORMATS)})")
+        if "npu" in self.formats and not (1 < self.npu_verify_tokens < self.npu_context):
+            raise SparsedgeError(f"npu_verify_tokens must lie in 2..{self.npu_context - 1} (got {self.npu_verify_tokens})")
 
 
 def _sha256(path: Path) -> str:
@@ -75,6 +86,41 @@ def _check_quants(cfg: ExportConfig) -> None:
         for k in cfg.onnx_quants:
             if k != "fp32":
                 check_kind(k)
+    if "npu" in cfg.formats:
+        from ..quantize.onnx import QDQ_TYPES
+
+        for t in (cfg.npu_activation_type, cfg.npu_weight_type):
+            if t not in QDQ_TYPES:
+                raise SparsedgeError(f"unknown QDQ type {t!r} (known: {', '.join(QDQ_TYPES)})")
+
+
+def _export_npu(spec, weights, tmp: Path, cfg: ExportConfig, recipe, progress: bool) -> dict[str, Any]:
+    """The npu format: fp32 static graphs for T = verify tokens and T = 1, the first QDQ-quantized
+    on the calibration corpus, the second with the first's activation scales (so that both compute
+    a token's row identically); the fp32 graphs are dropped."""
+    from ..quantize.onnx import quantize_onnx, shared_scales
+    from .onnx import StaticShape, export_onnx
+
+    work = tmp / ".npu-fp32"
+    out = tmp / NPU_DIR
+    reports: dict[str, Any] = {}
+    scales = None
+    for t in (cfg.npu_verify_tokens, 1):
+        name = f"model.k{t}.onnx"
+        src = export_onnx(spec, weights, work, recipe=recipe, progress=progress, weights_permuted=True,
+                          static=StaticShape(cfg.npu_context, t), file_name=name)
+        # calibration text: the tokenizer in tmp (OUT/tokenizer.json); with shared scales, two
+        # windows only feed the quantizer's pass, whose ranges the scales replace
+        rep = quantize_onnx(src, out / name, "qdq", activation_type=cfg.npu_activation_type,
+                            weight_type=cfg.npu_weight_type, scales=scales,
+                            **({} if scales is None else {"calib_windows": 2}))
+        reports[f"{NPU_DIR}/{name}"] = {**rep, "context": cfg.npu_context, "tokens": t}
+        if scales is None:
+            scales = shared_scales(out / name)
+        for p in work.glob(name + "*"):
+            p.unlink()
+    work.rmdir()
+    return reports
 
 
 def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bool = True) -> dict:
@@ -128,6 +174,8 @@ def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bo
             if "fp32" not in cfg.onnx_quants:
                 for p in onnx_dir.glob(fp32.name + "*"):  # the graph and its external data
                     p.unlink()
+        if "npu" in cfg.formats:
+            reports.update(_export_npu(spec, weights, tmp, cfg, recipe, progress))
         manifest = {
             "format": MANIFEST_FORMAT,
             "sparsedge_version": __version__,
@@ -141,6 +189,9 @@ def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bo
             },
             "gguf_quants": list(cfg.gguf_quants) if "gguf" in cfg.formats else [],
             "onnx_quants": list(cfg.onnx_quants) if "onnx" in cfg.formats else [],
+            "npu": {"context": cfg.npu_context, "verify_tokens": cfg.npu_verify_tokens,
+                    "activation_type": cfg.npu_activation_type, "weight_type": cfg.npu_weight_type}
+            if "npu" in cfg.formats else None,
             "target": cfg.target,
             "target_profile": cfg.extra.get("target_profile"),  # the profile as exported (targets/)
             "quality": reports,

@@ -42,6 +42,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,19 +59,81 @@ MODEL_FILE = "model.onnx"
 # or float32's min it keeps (scores + bias) finite and its range calibratable for QDQ graphs.
 # Runtimes read it from the graph's metadata (sparsedge.mask_value).
 MASK_VALUE = -1e4
+# Static (NPU) graphs are quantized: scores + bias share one 16-bit scale, and -1e4 would make
+# that step ~0.15, coarse for softmax logits. -100 still hides a key (exp(-100) = 4e-44) while
+# keeping the step ~3e-3.
+STATIC_MASK_VALUE = -100.0
+NORM_PRESCALE = 1.0 / 256
 # ONNX protobufs cannot exceed 2 GiB; above this many bytes of weights they go to one side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 SPARSITY_INIT = "layers.{i}.sparsity.{site}"
 
 
-def input_names(spec: ModelSpec) -> list[str]:
-    names = ["input_ids", "position_ids", "attention_bias"]
+@dataclass(frozen=True)
+class StaticShape:
+    """Fixed shapes for execution providers that compile a graph once (NPUs: QNN HTP, ...).
+
+    context: cache slots C (the graph always reads C past entries, hidden ones masked by the bias);
+    tokens: new tokens k per call (1 for decoding, 8 or so for verifying a draft tree).
+
+    A static graph differs from the dynamic one in three ways, all for the NPU compilers:
+    - the rotary tables come in as inputs ``rope_cos.{j}`` / ``rope_sin.{j}`` [1, k, 1, hd] (j over the
+      distinct rope bases), computed on the host in float: quantized to 16 bits inside the graph,
+      angles of up to C radians would lose their precision, and Sin/Cos need no NPU support;
+    - attention is written with tensors of rank <= 4 (HTP kernels stop at rank 4);
+    - ``present.{i}.key`` / ``.value`` are the k new entries only, [1, n_kv, k, hd]: the runtime owns
+      the fixed-size cache and writes them into their slots (no C-sized copy out of the graph).
+    """
+
+    context: int
+    tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.context < 1:
+            raise SparsedgeError(f"static shapes need context >= 1 and tokens >= 1, got {self}")
+
+
+def rope_bases(spec: ModelSpec) -> list[float]:
+    """The distinct rotary bases of a model, in the order of the static graph's rope inputs."""
+    return sorted({spec.theta(i) for i in range(spec.n_layers)})
+
+
+def input_names(spec: ModelSpec, static: StaticShape | None = None) -> list[str]:
+    # a static graph takes its rotary tables instead of positions (see StaticShape)
+    names = ["input_ids", "position_ids", "attention_bias"] if static is None else ["input_ids", "attention_bias"]
     if has_sliding(spec):
         names.append("sliding_attention_bias")
+    if static is not None:
+        names += [f"rope_{f}.{j}" for j in range(len(rope_bases(spec))) for f in ("cos", "sin")]
     for i in range(spec.n_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     return names
+
+
+_NORMS = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "qk_norm", "norm")
+
+
+def is_float_node(name: str) -> bool:
+    """Whether a node of a static graph belongs to an RMSNorm, a residual add or a weight's column
+    scale (by the names the builder gives them), which quantizers keep in float
+    (sparsedge.quantize.onnx._float_nodes)."""
+    parts = name.split(".")
+    return "residual" in parts or "colscale" in parts or any(n in parts for n in _NORMS)
+
+
+def rope_tables(spec: ModelSpec, positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Host-side rotary tables of a static graph: per rope base (rope_bases order), cos and sin
+    float32 [1, k, 1, hd] for positions [k], as torch_model.rope computes them."""
+    hd = spec.head_dim
+    pos = np.asarray(positions, dtype=np.float32).reshape(-1) / np.float32(spec.rope_linear_factor)
+    out = []
+    for theta in rope_bases(spec):
+        inv = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+        ang = pos[:, None] * inv[None, :]  # [k, hd/2]
+        emb = np.concatenate([ang, ang], axis=-1)[None, :, None, :]  # [1, k, 1, hd]
+        out.append((np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)))
+    return out
 
 
 def output_names(spec: ModelSpec) -> list[str]:
@@ -125,7 +188,7 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float32)
 
 
-def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
+def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: StaticShape | None = None):
     """The decoder as an onnx.ModelProto, op by op (see the module docstring for the contract).
 
     The math is sparsedge.runtimes.torch_model.Decoder's, written in standard ONNX ops (opset 18)
@@ -133,7 +196,7 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
     Div/Mul (fused into (Skip)SimplifiedLayerNormalization), SiLU as x * Sigmoid(x) (QuickGelu).
     Two algebraic foldings keep nodes out of every layer: the attention scale is folded into the
     q projection (or into q's norm weight when q is normalised, the norm being scale-invariant) and
-    Gemma's norm offset (1 + w) into the norm weights.
+    Gemma's norm offset (1 + w) into the norm weights. ``static`` fixes every shape (StaticShape).
     """
     import torch
     from onnx import TensorProto, helper
@@ -158,9 +221,32 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
         return w[name] + np.float32(spec.norm_offset)
 
     def norm(x: str, weight: np.ndarray, wname: str) -> str:
+        # ops named after the norm: quantizers keep NORM_OPS of static graphs in float by name
         wt = g.init(wname, weight.astype(np.float32))
-        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.const([-1]), keepdims=1)
-        return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.const(spec.rms_eps)))), wt)
+        eps = spec.rms_eps
+        if static is not None:
+            # NPUs run this in fp16, where a massive activation (2.3e4 on SmolLM2's first token)
+            # squares past fp16's 65504: normalise x / 256 instead (RMSNorm is scale-invariant
+            # but for eps, which scales along)
+            x = g.op("Mul", x, g.const(NORM_PRESCALE), name=wname + ".prescale")
+            eps = eps * NORM_PRESCALE**2
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0), name=wname + ".pow"), g.const([-1]), keepdims=1,
+                  name=wname + ".mean")
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(eps), name=wname + ".eps"), name=wname + ".sqrt")
+        return g.op("Mul", g.op("Div", x, rms, name=wname + ".div"), wt, name=wname + ".scale")
+
+    def linear(x: str, wname: str, weight: np.ndarray, name: str, outputs: int | list[str] = 1) -> str:
+        """x @ weight ([in, out]). In a static graph as (x @ (weight / c)) * c with c [out] the
+        column maxima: NPU quantizers give a MatMul weight one 8-bit scale (QNN has no per-channel
+        MatMul), and SmolLM2's columns differ enough in range that per-tensor weights cost most of
+        the quantization error (rel. logit error 0.37 vs 0.04 with 16-bit weights); equal column
+        ranges make that one scale as good as one per channel. The Mul by c stays in float."""
+        if static is None:
+            return g.op("MatMul", x, g.init(wname, weight), name=name, outputs=outputs)
+        c = np.abs(weight).max(axis=0).astype(np.float32)
+        c[c == 0] = 1.0
+        y = g.op("MatMul", x, g.init(wname, weight / c), name=name)
+        return g.op("Mul", y, g.init(wname + ".colscale", c), name=name + ".colscale", outputs=outputs)
 
     def sparse(site: str, layer: int, x: str) -> str:
         if site not in sites:
@@ -181,20 +267,26 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
     x = g.op("Gather", g.init("embed", w["embed"]), "input_ids")  # [b, s, H]
     if spec.embed_scale != 1.0:
         x = g.op("Mul", x, g.const(spec.embed_scale))
-    pos = g.op("Cast", "position_ids", to=TensorProto.FLOAT)
-    if spec.rope_linear_factor != 1.0:
-        pos = g.op("Div", pos, g.const(spec.rope_linear_factor))
-    pos = g.op("Unsqueeze", pos, g.const([-1]))  # [b, s, 1]
     tables: dict[float, tuple[str, str]] = {}
-    for theta in sorted({spec.theta(i) for i in range(spec.n_layers)}):
-        # inverse frequencies exactly as torch_model.rope computes them
-        inv = (1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).numpy()
-        ang = g.op("Mul", pos, g.const(inv))  # [b, s, hd/2]
-        emb = g.op("Unsqueeze", g.op("Concat", ang, ang, axis=-1), g.const([2]))  # [b, s, 1, hd]
-        tables[theta] = (g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin"))
-    biases = {None: g.op("Unsqueeze", "attention_bias", g.const([2]))}  # [b, 1, 1, s, p+s]
-    if has_sliding(spec):
-        biases["sliding"] = g.op("Unsqueeze", "sliding_attention_bias", g.const([2]))
+    if static is not None:  # host-computed tables [1, k, 1, hd] (see StaticShape)
+        tables = {theta: (f"rope_cos.{j}", f"rope_sin.{j}") for j, theta in enumerate(rope_bases(spec))}
+    else:
+        pos = g.op("Cast", "position_ids", to=TensorProto.FLOAT)
+        if spec.rope_linear_factor != 1.0:
+            pos = g.op("Div", pos, g.const(spec.rope_linear_factor))
+        pos = g.op("Unsqueeze", pos, g.const([-1]))  # [b, s, 1]
+        for theta in rope_bases(spec):
+            # inverse frequencies exactly as torch_model.rope computes them
+            inv = (1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).numpy()
+            ang = g.op("Mul", pos, g.const(inv))  # [b, s, hd/2]
+            emb = g.op("Unsqueeze", g.op("Concat", ang, ang, axis=-1), g.const([2]))  # [b, s, 1, hd]
+            tables[theta] = (g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin"))
+    if static is None:
+        biases = {None: g.op("Unsqueeze", "attention_bias", g.const([2]))}  # [b, 1, 1, s, p+s]
+        if has_sliding(spec):
+            biases["sliding"] = g.op("Unsqueeze", "sliding_attention_bias", g.const([2]))
+    else:  # [1, 1, k, C+k], broadcast over [n_kv, group, k, C+k] below
+        biases = {None: "attention_bias", "sliding": "sliding_attention_bias"}
 
     # ---- layers ----
     scale = np.float32(spec.scale)
@@ -205,12 +297,12 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
         # sparsifies q's input alone. Without q/k norms the attention scale is folded into W_q.
         wq = w[p + "q"].T * (np.float32(1.0) if spec.qk_norm else scale)
         if "q_in" in sites:
-            q_ = g.op("MatMul", sparse("q_in", i, h), g.init(p + "q", wq), name=p + "q_proj")
-            kv_ = g.op("MatMul", h, g.init(p + "kv", np.concatenate([w[p + "k"].T, w[p + "v"].T], 1)), name=p + "kv_proj")
+            q_ = linear(sparse("q_in", i, h), p + "q", wq, p + "q_proj")
+            kv_ = linear(h, p + "kv", np.concatenate([w[p + "k"].T, w[p + "v"].T], 1), p + "kv_proj")
             qkv = g.op("Concat", q_, kv_, axis=-1)
         else:
             wqkv = np.concatenate([wq, w[p + "k"].T, w[p + "v"].T], axis=1)
-            qkv = g.op("MatMul", h, g.init(p + "qkv", wqkv), name=p + "qkv_proj")
+            qkv = linear(h, p + "qkv", wqkv, p + "qkv_proj")
         qkv = g.op("Reshape", qkv, g.const([0, 0, nh + 2 * nkv, hd]))  # [b, s, heads, hd]
         qk, v = g.op("Split", qkv, g.const([nh + nkv, nkv]), axis=2, outputs=2)
         if spec.qk_norm:  # per-head norms of q (times the attention scale) and k, as one weight
@@ -222,32 +314,25 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
         rot = g.op("Concat", g.op("Neg", x2), x1, axis=-1)  # rotate_half: [-x2, x1]
         qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", rot, sin), name=p + "rope")
         q, k = g.op("Split", qk, g.const([nh, nkv]), axis=2, outputs=2)
-        k = g.op("Concat", f"past_key_values.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,
-                 outputs=[f"present.{i}.key"])  # [b, nkv, p+s, hd]
-        v = g.op("Concat", f"past_key_values.{i}.value", g.op("Transpose", v, perm=[0, 2, 1, 3]), axis=2,
-                 outputs=[f"present.{i}.value"])
-        # grouped-query attention without repeating K/V: query heads as [nkv, group]
-        q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, nkv, group, hd])), perm=[0, 2, 3, 1, 4])
-        kt = g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [b, nkv, 1, hd, p+s]
-        scores = g.op("Add", g.op("MatMul", q, kt), biases["sliding" if spec.window(i) else None])
-        probs = g.op("Softmax", scores, axis=-1, name=p + "attn")  # [b, nkv, g, s, p+s]
-        a = g.op("MatMul", probs, g.op("Unsqueeze", v, g.const([2])))  # [b, nkv, g, s, hd]
-        a = g.op("Reshape", g.op("Transpose", a, perm=[0, 3, 1, 2, 4]), g.const([0, 0, nh * hd]))
-        a = g.op("MatMul", sparse("o_in", i, a), g.init(p + "o", w[p + "o"].T), name=p + "o_proj")
+        bias = biases["sliding" if spec.window(i) else None]
+        if static is None:
+            a = _attention(g, p, i, q, k, v, bias, nkv, group, hd)
+        else:
+            a = _attention_static(g, p, i, q, k, v, bias, nkv, group, hd, static)
+        a = linear(sparse("o_in", i, a), p + "o", w[p + "o"].T, p + "o_proj")
         if spec.sandwich_norm:
             a = norm(a, nw(p + "post_attn_norm"), p + "post_attn_norm")
-        x = g.op("Add", x, a)
+        x = g.op("Add", x, a, name=p + "residual")
         h = sparse("ffn_in", i, norm(x, nw(p + "ffn_norm"), p + "ffn_norm"))
-        gu = g.op("MatMul", h, g.init(p + "gate_up", np.concatenate([w[p + "gate"].T, w[p + "up"].T], 1)),
-                  name=p + "gate_up_proj")
+        gu = linear(h, p + "gate_up", np.concatenate([w[p + "gate"].T, w[p + "up"].T], 1), p + "gate_up_proj")
         gate, up = g.op("Split", gu, g.const([I, I]), axis=-1, outputs=2)
         m = sparse("down_in", i, g.op("Mul", sparse("gate_act", i, act(gate)), up))
-        f = g.op("MatMul", m, g.init(p + "down", w[p + "down"].T), name=p + "down_proj")
+        f = linear(m, p + "down", w[p + "down"].T, p + "down_proj")
         if spec.sandwich_norm:
             f = norm(f, nw(p + "post_ffn_norm"), p + "post_ffn_norm")
-        x = g.op("Add", x, f)
+        x = g.op("Add", x, f, name=p + "residual")
 
-    logits = g.op("MatMul", norm(x, nw("norm"), "norm"), g.init("lm_head", w["lm_head"].T), name="lm_head",
+    logits = linear(norm(x, nw("norm"), "norm"), "lm_head", w["lm_head"].T, "lm_head",
                   outputs=["logits.raw" if spec.final_logit_softcap else "logits"])
     if spec.final_logit_softcap:
         c = g.const(float(spec.final_logit_softcap))
@@ -255,19 +340,65 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe):
 
     # ---- signature ----
     F32, I64 = TensorProto.FLOAT, TensorProto.INT64
-    bias_shape = ["batch", 1, "seq", "total"]
-    kv_in, kv_out = ["batch", nkv, "past", hd], ["batch", nkv, "total", hd]
-    types = {"input_ids": (I64, ["batch", "seq"]), "position_ids": (I64, ["batch", "seq"]),
+    if static is None:
+        b, s, past, total = "batch", "seq", "past", "total"
+        kv_out = [b, nkv, total, hd]
+    else:
+        b, s, past, total = 1, static.tokens, static.context, static.context + static.tokens
+        kv_out = [1, nkv, s, hd]
+    bias_shape = [b, 1, s, total]
+    kv_in = [b, nkv, past, hd]
+    types = {"input_ids": (I64, [b, s]), "position_ids": (I64, [b, s]),
              "attention_bias": (F32, bias_shape), "sliding_attention_bias": (F32, bias_shape)}
+    for name in input_names(spec, static):
+        if name.startswith("rope_"):
+            types[name] = (F32, [1, s, 1, hd])
     inputs = [helper.make_tensor_value_info(n, *types[n]) if n in types
-              else helper.make_tensor_value_info(n, F32, kv_in) for n in input_names(spec)]
-    outputs = [helper.make_tensor_value_info("logits", F32, ["batch", "seq", spec.vocab_size])]
+              else helper.make_tensor_value_info(n, F32, kv_in) for n in input_names(spec, static)]
+    outputs = [helper.make_tensor_value_info("logits", F32, [b, s, spec.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, F32, kv_out) for n in output_names(spec)[1:]]
     graph = helper.make_graph(g.nodes, "sparsedge_decoder", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="sparsedge")
     model.ir_version = IR_VERSION
     return model
+
+
+def _attention(g: _Graph, p: str, i: int, q, k, v, bias, nkv: int, group: int, hd: int) -> str:
+    """Grouped-query attention of the dynamic graph. q [b, s, nh, hd], k/v [b, s, nkv, hd] (new
+    entries), bias [b, 1, 1, s, p+s]; appends to the cache (present = concat(past, new)) and returns
+    [b, s, nh * hd]. Query heads are viewed as [nkv, group] so K/V are never repeated."""
+    k = g.op("Concat", f"past_key_values.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,
+             outputs=[f"present.{i}.key"])  # [b, nkv, p+s, hd]
+    v = g.op("Concat", f"past_key_values.{i}.value", g.op("Transpose", v, perm=[0, 2, 1, 3]), axis=2,
+             outputs=[f"present.{i}.value"])
+    q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, nkv, group, hd])), perm=[0, 2, 3, 1, 4])
+    kt = g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])  # [b, nkv, 1, hd, p+s]
+    scores = g.op("Add", g.op("MatMul", q, kt), bias)
+    probs = g.op("Softmax", scores, axis=-1, name=p + "attn")  # [b, nkv, g, s, p+s]
+    a = g.op("MatMul", probs, g.op("Unsqueeze", v, g.const([2])))  # [b, nkv, g, s, hd]
+    return g.op("Reshape", g.op("Transpose", a, perm=[0, 3, 1, 2, 4]), g.const([0, 0, group * nkv * hd]))
+
+
+def _attention_static(g: _Graph, p: str, i: int, q, k, v, bias, nkv: int, group: int, hd: int,
+                      static: StaticShape) -> str:
+    """The same attention with batch 1 and every tensor of rank <= 4 (StaticShape). q [1, k, nh, hd],
+    k/v [1, k, nkv, hd]; past [1, nkv, C, hd]; bias [1, 1, k, C+k]. Outputs only the new entries
+    (present [1, nkv, k, hd]); returns [1, k, nh * hd]."""
+    s, C = static.tokens, static.context
+    k = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present.{i}.key"])  # [1, nkv, k, hd]
+    v = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present.{i}.value"])
+    kk = g.op("Reshape", g.op("Concat", f"past_key_values.{i}.key", k, axis=2), g.const([nkv, C + s, hd]))
+    vv = g.op("Reshape", g.op("Concat", f"past_key_values.{i}.value", v, axis=2), g.const([nkv, C + s, hd]))
+    # queries [k, nh, hd] -> [nkv, group * k, hd]: row (g, t) of head group n
+    qq = g.op("Transpose", g.op("Reshape", q, g.const([s, nkv, group, hd])), perm=[1, 2, 0, 3])  # [nkv, g, k, hd]
+    qq = g.op("Reshape", qq, g.const([nkv, group * s, hd]))
+    scores = g.op("MatMul", qq, g.op("Transpose", kk, perm=[0, 2, 1]))  # [nkv, g*k, C+k]
+    scores = g.op("Add", g.op("Reshape", scores, g.const([nkv, group, s, C + s])), bias)
+    probs = g.op("Softmax", scores, axis=-1, name=p + "attn")  # [nkv, g, k, C+k]
+    a = g.op("MatMul", g.op("Reshape", probs, g.const([nkv, group * s, C + s])), vv)  # [nkv, g*k, hd]
+    a = g.op("Transpose", g.op("Reshape", a, g.const([nkv, group, s, hd])), perm=[2, 0, 1, 3])  # [k, nkv, g, hd]
+    return g.op("Reshape", a, g.const([1, s, nkv * group * hd]))
 
 
 def recipe_summary(recipe) -> dict[str, Any] | None:
@@ -280,9 +411,12 @@ def recipe_summary(recipe) -> dict[str, Any] | None:
     }
 
 
-def metadata(spec: ModelSpec, recipe=None, mask_value: float = MASK_VALUE) -> dict[str, str]:
+def metadata(spec: ModelSpec, recipe=None, mask_value: float = MASK_VALUE,
+             static: StaticShape | None = None) -> dict[str, str]:
     """The ``sparsedge.*`` metadata entries every sparsedge ONNX graph carries."""
-    return {
+    extra = {} if static is None else {"sparsedge.static": json.dumps(
+        {"context": static.context, "tokens": static.tokens}, separators=(",", ":"))}
+    return {**extra,
         "sparsedge.format": str(ONNX_FORMAT),
         "sparsedge.spec": json.dumps(spec.to_dict(), separators=(",", ":")),
         "sparsedge.mask_value": repr(float(mask_value)),
@@ -320,7 +454,7 @@ def save_model(model, path: Path) -> Path:
     return path
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
+def _install(tmp: Path, out_dir: Path, file_name: str = MODEL_FILE) -> None:
     """Move the files of tmp into out_dir: the whole folder at once if out_dir is new, else file by
     file (each os.replace is atomic); a stale side file of an earlier export is removed."""
     if not out_dir.exists():
@@ -329,7 +463,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
     names = {p.name for p in tmp.iterdir()}
     for p in tmp.iterdir():
         os.replace(p, out_dir / p.name)
-    stale = out_dir / (MODEL_FILE + ".data")
+    stale = out_dir / (file_name + ".data")
     if stale.exists() and stale.name not in names:
         stale.unlink()
 
@@ -341,13 +475,16 @@ def export_onnx(
     recipe=None,
     progress: bool = True,
     weights_permuted: bool = False,
+    static: StaticShape | None = None,
+    file_name: str = MODEL_FILE,
 ) -> Path:
     """Write ``out_dir/model.onnx`` (fp32, KV cache in/out; see the module docstring) and return its path.
 
     weights: canonical fp32 torch tensors (LoadedModel.state_dict()). recipe: an optional
     SparsityRecipe whose thresholds become part of the graph; its chunk permutation is applied to a
     copy of the weights first unless ``weights_permuted`` says they are in the recipe's neuron order
-    already (as sparsedge.export.artifact hands them).
+    already (as sparsedge.export.artifact hands them). static: fixed shapes for NPU compilers
+    (StaticShape); file_name: the graph's name in out_dir.
     """
     import onnx
     from tqdm.auto import tqdm
@@ -367,11 +504,11 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
-        model = _build_graph(spec, weights, recipe)
+        model = _build_graph(spec, weights, recipe, static)
         bar.update()
         model.doc_string = "sparsedge decoder with KV cache; see sparsedge.export.onnx"
-        set_metadata(model, metadata(spec, recipe))
-        path = save_model(model, tmp / MODEL_FILE)
+        set_metadata(model, metadata(spec, recipe, MASK_VALUE if static is None else STATIC_MASK_VALUE, static))
+        path = save_model(model, tmp / file_name)
         del model
         bar.update()
         try:
@@ -379,8 +516,8 @@ def export_onnx(
         except onnx.checker.ValidationError as e:
             raise SparsedgeError(f"exported ONNX graph does not validate: {e}") from e
         bar.update()
-        _install(tmp, out_dir)
+        _install(tmp, out_dir, file_name)
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / MODEL_FILE
+    return out_dir / file_name

@@ -114,12 +114,21 @@ def _qdq(src: Path, dst: Path, opts: dict[str, Any]) -> int:
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
+    from ..export.onnx import read_metadata
+
     types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16,
              "int8": QuantType.QInt8, "int16": QuantType.QInt16}
     act, wt = opts["activation_type"], opts["weight_type"]
-    reader = _CalibReader(src, opts["calib_ids"], opts.get("calib_windows", CALIB_WINDOWS))
+    static = "sparsedge.static" in read_metadata(_load_meta(src))
+    reader = _CalibReader(src, opts["calib_ids"], opts.get("calib_windows", CALIB_WINDOWS), first=static)
+    exclude = None
+    if static:
+        exclude = _float_nodes(_load_meta(src)) + _outlier_matmuls(src, reader)
+        opts["float_nodes"] = len(exclude)
+        reader.rewind()
     cfg = get_qnn_qdq_config(str(src), reader, activation_type=types[act], weight_type=types[wt],
-                             per_channel=opts.get("per_channel", False))
+                             per_channel=opts.get("per_channel", False), nodes_to_exclude=exclude,
+                             init_overrides=opts.get("scales"))
     quantize(str(src), str(dst), cfg)
     model = _load(dst)
     _finish(model, src, dst)
@@ -193,17 +202,94 @@ def calibration_ids(calib, src: Path, required: bool = True) -> np.ndarray | Non
     return ids.astype(np.int64)
 
 
+def _cpu_runtime(path: Path):
+    """A CPU runtime for a sparsedge graph: dynamic graphs through OnnxRuntime, static (NPU) graphs
+    through NpuRuntime on the CPU provider."""
+    from ..export.onnx import read_metadata
+
+    if "sparsedge.static" in read_metadata(_load_meta(path)):
+        from ..runtimes.npu import NpuRuntime
+
+        return NpuRuntime([path], provider="cpu")
+    from ..runtimes.onnxrt import OnnxRuntime
+
+    return OnnxRuntime(path)
+
+
+# ---- static (NPU) graphs: what stays in float, scales shared between graphs ------------------------
+
+# A linear layer whose input reaches this magnitude on calibration text stays in float on an NPU
+# (fp16 there): one uint16 scale over it would leave typical activations (~1) a few bits. On
+# SmolLM2-135M that is layer 11's down projection, whose input reaches 2.8e3 (typically < 3) on
+# the first token, where the model builds its massive activation (DESIGN.md; sparsedge.export.onnx).
+OUTLIER_INPUT = 256.0
+
+
+def _float_nodes(model) -> list[str]:
+    """Nodes of a static graph that stay in float when it is quantized: every RMSNorm op and the
+    residual adds. The residual stream carries SmolLM2's massive activation (2.3e4 in one channel on
+    the first token, < 100 elsewhere): one 16-bit scale over it is too coarse for every other token,
+    and clipping it breaks the attention sink that all later tokens rely on (top-1 agreement with
+    fp32: 0-3%). fp16 holds both ends; the NPU runs these ops in fp16, the matmuls in A16W8."""
+    from ..export.onnx import is_float_node
+
+    return [n.name for n in model.graph.node if is_float_node(n.name)]
+
+
+def _outlier_matmuls(src: Path, reader: "_CalibReader") -> list[str]:
+    """Linear MatMuls whose activation input exceeds OUTLIER_INPUT on the calibration samples."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    inits = {t.name for t in model.graph.initializer}
+    mms = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    watch = list(dict.fromkeys(n.input[0] for n in mms))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in watch if t not in known)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    peak = dict.fromkeys(watch, 0.0)
+    reader.rewind()
+    while (feed := reader.get_next()) is not None:
+        for t, v in zip(watch, sess.run(watch, feed)):
+            peak[t] = max(peak[t], float(np.abs(v).max()))
+    return [n.name for n in mms if peak[n.input[0]] > OUTLIER_INPUT]
+
+
+def shared_scales(qdq_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The activation scales and zero points of a QDQ graph, as init_overrides for quantizing
+    another static graph of the same model (other token count, same tensor names): the 1-token and
+    the k-token graph then quantize every activation identically, so that verification of a draft
+    computes each row as plain decoding does."""
+    from onnx import numpy_helper
+
+    model = _load_meta(qdq_path)
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+            scale = numpy_helper.to_array(inits[n.input[1]])
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            if scale.size == 1:
+                out.setdefault(n.input[0], [{"scale": scale.reshape(()), "zero_point": zp.reshape(())}])
+    return out
+
+
 class _CalibReader:
     """onnxruntime CalibrationDataReader: per sample, `CALIB_STEP` tokens after a cache of
-    `CALIB_PREFIX` tokens that the fp32 graph filled (past inputs with real values, never empty)."""
+    `CALIB_PREFIX` tokens that the fp32 graph filled (past inputs with real values, never empty).
+    first: also one sample per window at position 0 (an empty cache), where models put their
+    massive activations: a static graph must cover them, its ranges are fixed."""
 
-    def __init__(self, src: Path, ids: np.ndarray, n_windows: int):
-        from ..runtimes.onnxrt import OnnxRuntime
-
+    def __init__(self, src: Path, ids: np.ndarray, n_windows: int, first: bool = False):
         span = CALIB_PREFIX + CALIB_STEP
         if ids.size < span:
             raise SparsedgeError(f"calibration needs at least {span} tokens, got {ids.size}")
-        rt = OnnxRuntime(src)
+        rt = _cpu_runtime(src)
         if ids.max() >= rt.vocab_size:
             raise SparsedgeError(f"calibration token ids exceed the vocabulary of {rt.vocab_size}")
         starts = np.linspace(0, ids.size - span, num=max(1, n_windows)).astype(np.int64)
@@ -211,6 +297,8 @@ class _CalibReader:
         for s in dict.fromkeys(starts.tolist()):
             w = ids[s : s + span]
             rt.reset()
+            if first:
+                self._feeds.append(rt.inputs(w[:CALIB_STEP]))
             rt.forward(w[:CALIB_PREFIX])
             self._feeds.append(rt.inputs(w[CALIB_PREFIX:]))
         self._it: Iterator = iter(self._feeds)
@@ -225,9 +313,7 @@ class _CalibReader:
 def probe(src: Path, dst: Path, ids: np.ndarray | None = None) -> dict[str, float]:
     """max / mean |logit difference| and top-1 agreement of dst against src on one sequence: a
     prefill of PROBE_PREFILL tokens, then PROBE_STEPS single decode steps with the cache."""
-    from ..runtimes.onnxrt import OnnxRuntime
-
-    a, b = OnnxRuntime(src), OnnxRuntime(dst)
+    a, b = _cpu_runtime(src), _cpu_runtime(dst)
     n = PROBE_PREFILL + PROBE_STEPS
     if ids is None or ids.size < n:
         ids = np.random.default_rng(0).integers(0, a.vocab_size, n)
@@ -282,12 +368,15 @@ def quantize_onnx(
     per_channel: bool = False,
     calib_windows: int = CALIB_WINDOWS,
     check_error: bool = True,
+    scales: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Quantize the fp32 sparsedge graph ``src`` into ``dst`` (written atomically) and report.
 
     calib: a tokenizer (tokenizes sparsedge.data.calibration_text()) or 1-D token ids, for qdq's
     calibration and for the error probe (random ids when there are none); default: the tokenizer
     of the artifact folder around src. activation_type / weight_type: QDQ types (uint16 / uint8 for NPUs).
+    scales: qdq only, activation scales to use instead of calibrated ones (shared_scales of another
+    graph of the same model).
     """
     from ..export.onnx import read_metadata
 
@@ -306,7 +395,7 @@ def quantize_onnx(
     ids = calibration_ids(calib, src, required=kind == "qdq")
     opts = {"activation_type": activation_type, "weight_type": weight_type, "block_size": block_size,
             "accuracy_level": accuracy_level, "symmetric": symmetric, "per_channel": per_channel,
-            "calib_ids": ids, "calib_windows": calib_windows}
+            "calib_ids": ids, "calib_windows": calib_windows, "scales": scales}
     n_linear = len(_linear_matmuls(src_model))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
@@ -331,6 +420,8 @@ def quantize_onnx(
             report.update(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
         if kind == "qdq":
             report.update(activation_type=activation_type, weight_type=weight_type)
+            if "float_nodes" in opts:
+                report["float_nodes"] = opts["float_nodes"]
         if check_error:
             report["error"] = probe(src, out, ids[len(ids) // 2 :] if ids is not None else None)
         stale = dst.with_name(dst.name + ".data")

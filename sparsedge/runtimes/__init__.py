@@ -72,11 +72,27 @@ def _open_native(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
     return open_native(model, quant, **opts)
 
 
+def _open_npu(model: Any, quant: str | None = None, provider: str = "qnn", threads: int | None = None,
+              **opts: Any) -> Runtime:
+    """The static graphs of an artifact's npu format, on the QNN HTP backend (provider="qnn") or
+    on ONNX Runtime's CPU provider (provider="cpu", the reference for the same graphs)."""
+    from .npu import NpuRuntime
+
+    loaded = _loaded(model)
+    _need_artifact(loaded, "npu")
+    if quant not in (None, "qdq"):
+        raise SparsedgeError(f"the npu runtime runs the artifact's QDQ graphs (quant {quant!r} asked)")
+    if not loaded.manifest.get("npu"):
+        raise SparsedgeError(f"artifact {loaded.path} has no npu graphs; export with --target qualcomm-npu")
+    return NpuRuntime(loaded.path / "npu", provider=provider, threads=threads, **opts)
+
+
 RUNTIMES: dict[str, Callable[..., Runtime]] = {
     "torch": _open_torch,
     "llamacpp": _open_llamacpp,
     "onnxruntime": _open_onnxruntime,
     "native": _open_native,
+    "npu": _open_npu,
 }
 
 

@@ -78,6 +78,9 @@ def measure_cost(runtime, tokens: Sequence[int], ks: Sequence[int] = (1, 2, 4, 8
     runtime's current cache, which is restored after each. Cached per runtime object."""
     if runtime in _COSTS:
         return _COSTS[runtime]
+    # a runtime whose cost is a step function names the points worth measuring (NpuRuntime: one
+    # static graph per token count, so t(k) is flat between them)
+    ks = tuple(getattr(runtime, "cost_ks", ks))
     n = runtime.n_past
     toks = np.resize(np.asarray(tokens, dtype=np.int64), max(ks))
     times = []
