@@ -217,6 +217,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         from .targets import detect_host, export_config, get_target, status
 
         host = detect_host()  # checked before the model loads: a missing EP fails in a second
+        if a.target == "host":
+            from .targets import host_target
+
+            a.target = host_target(host).name
+            print(f"note: --target host is {a.target} here", file=sys.stderr)
         cfg = export_config(a.target, host, force=a.force, **given)
         st = status(get_target(a.target), host)
         if st.code in ("wrong-cpu", "wrong-os"):  # exporting for another device is fine; say so
@@ -475,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="a recipe.json from 'sparsedge calibrate'")
     s.add_argument("--sparsify", metavar="METHOD:S", help="calibrate a recipe on the fly, e.g. teal:0.5")
     s.add_argument("--scope", default="all", help="sites for --sparsify (see calibrate --help)")
-    s.add_argument("--target", help="a device profile (see 'sparsedge targets'): its formats and "
-                   "quantization, recorded in the manifest; --formats / --gguf-quant / --onnx-quant override it")
+    s.add_argument("--target", help="a device profile (see 'sparsedge targets'), or 'host' for this "
+                   "machine's own: its formats and quantization, recorded in the manifest; --formats / "
+                   "--gguf-quant / --onnx-quant override it")
     # defaults None: with --target, "not given" means "the profile's"
     s.add_argument("--formats", default=None, help="comma list of gguf, onnx (default both, or the target's)")
     s.add_argument("--gguf-quant", default=None, help="comma list of f32, f16, q8_0, q4_0, q4_k_m "

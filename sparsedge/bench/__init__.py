@@ -6,7 +6,7 @@
 One run measures, for every runtime installed (native, llama.cpp, ONNX Runtime, and ONNX Runtime
 GenAI's own int4 build as a peer), dense and per recipe, plain greedy and each speculative
 configuration: prefill and decode tokens/s, time to first token, peak memory (medians over
-repeats; measure.py gives the protocol), perplexity and top-1 agreement with the dense model,
+repeats, which run in rounds over all jobs; measure.py gives the protocol), perplexity and top-1 agreement with the dense model,
 acceptance statistics, and whether speculative output equals greedy's token for token. It writes
 OUT/report.json, OUT/report.md and PNG plots (report.py, plots.py).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparsedgeError
-from .measure import Decode, job_units, measure_job
+from .measure import Decode, job_units, measure_job, merge_rounds
 from .prepare import RECIPE_RUNTIMES, RecipeSpec, Variant, select_runtimes
 
 REPORT_FORMAT = 1
@@ -217,12 +217,26 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
     suite = prompt_suite()[: cfg.prompts or None]
     prompts = [encode_prompt(loaded.tokenizer, p["prompt"], chat=p["chat"]).tolist() for p in suite]
     jobs = _jobs(model, loaded, plan, cfg, prompts)
-    results = []
-    with tqdm(total=sum(job_units(j) for j in jobs), desc="bench", unit="step", file=sys.stderr,
-              disable=not progress) as bar:
-        for job in jobs:
-            bar.set_postfix_str(job["label"])
-            results.append(_run_job(job, work, cfg.isolate, bar))
+    # Repeats run in rounds: each round runs every job once (its own process, one repeat of each
+    # configuration), so that load from elsewhere on a shared machine falls on every runtime alike
+    # instead of on whichever job ran while it lasted; medians pool all rounds. Perplexity runs in
+    # the first round only; later rounds reuse the first round's cost curves.
+    rounds = max(1, cfg.repeats)
+    per_round = [{**j, "repeats": 1} for j in jobs]
+    later = [{**j, "ppl": None} for j in per_round]
+    runs: list[list[dict]] = [[] for _ in jobs]
+    with tqdm(total=sum(job_units(j) for j in per_round) + (rounds - 1) * sum(job_units(j) for j in later),
+              desc="bench", unit="step", file=sys.stderr, disable=not progress) as bar:
+        for r in range(rounds):
+            for i, job in enumerate(per_round if r == 0 else later):
+                if r and (not job["decodes"] or "error" in runs[i][0]):
+                    continue  # nothing to repeat (perplexity only), or it failed
+                bar.set_postfix_str(f"{job['label']} (round {r + 1}/{rounds})")
+                if r:
+                    job = {**job, "cost_curves": {d["decode"]: d["cost_curve"] for d in runs[i][0]["decodes"]
+                                                  if d.get("cost_curve")}}
+                runs[i].append(_run_job(job, work, cfg.isolate, bar))
+    results = [next((x for x in rr if "error" in x), None) or merge_rounds(rr) for rr in runs]
     report = assemble(model, cfg, results, plan, notes, [p["id"] for p in suite], [len(p) for p in prompts],
                       elapsed_s=time.perf_counter() - t0)
     write(report, out)

@@ -170,6 +170,23 @@ def warm_ids(tokenizer, n: int) -> list[int] | None:
     return data.tokenize(tokenizer, data.calibration_text()[: n * 8])[:n].tolist() if n else None
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One job's result from several rounds (each a measure_job result): repeats pooled, medians
+    and min-max over all of them, peaks the highest, lossless only if every round was."""
+    first = dict(rounds[0])
+    first["decodes"] = []
+    for j, d in enumerate(rounds[0]["decodes"]):
+        entries = [r["decodes"][j] for r in rounds]
+        reps = [x for e in entries for x in e["repeats"]]
+        first["decodes"].append({**d, "repeats": reps, **summarize(reps),
+                                 "peak_rss_mb": max(e["peak_rss_mb"] for e in entries),
+                                 "identical": all(e["identical"] for e in entries),
+                                 "identical_prompts": min(e["identical_prompts"] for e in entries)})
+    first["load_peak_rss_mb"] = max(r["load_peak_rss_mb"] for r in rounds)
+    first["rounds"] = len(rounds)
+    return first
+
+
 def summarize(reps: list[dict]) -> dict:
     """Median of each figure over repeats, and the min / max of decode tok/s."""
     keys = [k for k in reps[0] if isinstance(reps[0][k], (int, float))]
@@ -208,8 +225,8 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
     quant, threads, prompts (token ids), max_new_tokens, repeats, warmup_tokens, decodes (labels),
     budget, warm (corpus tokens seeding drafters), ppl ({window, max_tokens} or None).
     Returns per decode: per-repeat figures, medians, acceptance, lossless check, peak memory."""
-    from ..runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target, generate,
-                                     make_drafter, speculative_generate)
+    from ..runtimes.decoding import (CostCurve, GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
+                                     generate, make_drafter, speculative_generate)
 
     from ..sources import load
 
@@ -225,7 +242,11 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
     decodes = [Decode.parse(d) for d in job["decodes"]]
     target = Target(rt, loaded, job["runtime"], opts)
     seed_ids = warm_ids(loaded.tokenizer, job.get("warm", 0))
-    spec_cfg = {d: SpecConfig(mode=d.mode, budget=job["budget"]) for d in decodes if d.drafter}
+    # a cost curve measured by an earlier round of this job (bench reruns each job per round): trees
+    # are then sized alike in every round, not from each round's own load-dependent measurement
+    fixed = {d: CostCurve([int(k) for k in c], list(c.values()))
+             for d in decodes if d.drafter and (c := job.get("cost_curves", {}).get(d.label))}
+    spec_cfg = {d: SpecConfig(mode=d.mode, budget=job["budget"], cost=fixed.get(d)) for d in decodes if d.drafter}
 
     def drafter_for(d: Decode):
         dr = make_drafter(d.drafter, target)

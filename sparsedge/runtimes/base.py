@@ -79,6 +79,12 @@ def check_forward_args(
     return toks, pos, mask
 
 
+def additive_bias(allowed: np.ndarray, mask_value) -> np.ndarray:
+    """bool [k, total] -> the additive attention bias float32 [1, 1, k, total] of sparsedge's ONNX
+    graphs: 0 where a key is visible, mask_value (the graph's sparsedge.mask_value) where hidden."""
+    return np.where(allowed, np.float32(0.0), np.float32(mask_value)).astype(np.float32)[None, None]
+
+
 def check_keep_indices(indices, last_k: int) -> np.ndarray:
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= last_k):

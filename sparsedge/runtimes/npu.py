@@ -27,7 +27,7 @@ import numpy as np
 
 from ..arch import ModelSpec
 from ..errors import SparsedgeError
-from .base import check_forward_args, check_keep_indices
+from .base import additive_bias, check_forward_args, check_keep_indices
 
 QNN = "QNNExecutionProvider"
 PROVIDERS = ("qnn", "cpu")
@@ -211,7 +211,7 @@ class NpuRuntime:
     # ---- graph inputs ------------------------------------------------------------------------
     def _bias(self, allowed: np.ndarray) -> np.ndarray:
         """bool [T, C+T] -> additive float32 [1, 1, T, C+T]."""
-        return np.where(allowed, np.float32(0.0), self.mask_value).astype(np.float32)[None, None]
+        return additive_bias(allowed, self.mask_value)
 
     def _chunk_feed(self, g: _Graph, toks, pos, vis_new) -> dict[str, np.ndarray]:
         """Inputs of one call of graph g for n <= g.tokens new tokens. toks/pos [n]; vis_new bool

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..arch import ModelSpec
 from ..errors import SparsedgeError
-from .base import check_forward_args, check_keep_indices
+from .base import additive_bias, check_forward_args, check_keep_indices
 
 
 def _session(path: Path, providers: Sequence[str], threads: int | None, provider_options=None,
@@ -158,7 +158,7 @@ class OnnxRuntime:
     # ---- protocol ----------------------------------------------------------------------------
     def _bias(self, allowed: np.ndarray) -> np.ndarray:
         """bool [k, total] -> additive float32 [1, 1, k, total]."""
-        return np.where(allowed, np.float32(0.0), self.mask_value).astype(np.float32)[None, None]
+        return additive_bias(allowed, self.mask_value)
 
     def _feed(self, tokens, positions, tree_mask) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The non-cache graph inputs of a forward, and the positions of all entries after it."""

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .profiles import TargetProfile, Requirement
+from ..errors import SparsedgeError
+from .profiles import Requirement, TargetProfile
 
 MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "x64": "x86_64", "i686": "x86", "i386": "x86",
             "aarch64": "arm64", "arm64": "arm64", "armv8l": "arm64"}
@@ -198,6 +199,18 @@ def status(profile: TargetProfile, host: Host) -> Status:
         eps = ", ".join(p for p in profile.providers if p in host.providers)
         return Status("emulated", f"runs here (emulated: {eps} on {host.machine})")
     return Status("runs", "runs here")
+
+
+def host_target(host: Host | None = None) -> TargetProfile:
+    """The profile of this host: the first in TARGETS' order that runs here natively (not
+    emulated), e.g. laptop-x86 on an AVX2 PC, arm64-phone on an ARM board."""
+    from .profiles import TARGETS
+
+    host = detect_host() if host is None else host
+    for p in TARGETS.values():
+        if status(p, host).code == "runs":
+            return p
+    raise SparsedgeError("no device profile runs on this host (see 'sparsedge targets')")
 
 
 def report(host: Host | None = None) -> dict[str, Any]:

@@ -312,3 +312,11 @@ def test_export_target_qualcomm_npu(capsys, tiny_folder, tmp_path):
     assert any(f.endswith(".onnx") for f in m["files"])
     code, out, _ = _run(capsys, "inspect", out_dir)
     assert code == 0 and "target: qualcomm-npu (npu qdq a:uint16 w:uint8; runtime npu (QNN)" in out
+
+
+def test_host_target_is_this_machines_own_profile():
+    from sparsedge.targets import host_target
+
+    assert host_target(_host()).name == "laptop-x86"  # x86 with AVX2+FMA: not the emulated NPU
+    with pytest.raises(SparsedgeError, match="no device profile runs on this host"):
+        host_target(_host(machine="riscv64", cpu_features=[]))
