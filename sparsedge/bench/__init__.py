@@ -69,9 +69,10 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **over: Any) -> "BenchConfig":
-        """A few minutes on smollm2-135m (for `make demo`): 3 prompts, 64 tokens, 3 repeats,
-        perplexity over 1024 tokens, recipes calibrated on 4096 tokens."""
-        base = dict(prompts=3, max_new_tokens=64, repeats=3, ppl_tokens=1024, ppl_window=256, calib_tokens=4096)
+        """A few minutes on smollm2-135m (for `make demo`): 4 prompts, 96 tokens, 5 rounds,
+        perplexity over 1024 tokens, recipes calibrated on 4096 tokens. (3 prompts x 64 tokens x 3
+        rounds, about 1 s of decoding per configuration and round, moved up to 10% on a rerun.)"""
+        base = dict(prompts=4, max_new_tokens=96, repeats=5, ppl_tokens=1024, ppl_window=256, calib_tokens=4096)
         return cls(**{**base, **over})
 
     def to_dict(self) -> dict:
@@ -220,8 +221,12 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
     # Repeats run in rounds: each round runs every job once (its own process, one repeat of each
     # configuration), so that load from elsewhere on a shared machine falls on every runtime alike
     # instead of on whichever job ran while it lasted; medians pool all rounds. Perplexity runs in
-    # the first round only; later rounds reuse the first round's cost curves.
+    # the first round only. Draft trees are sized from each runtime's cost curve t(k)/t(1), which
+    # the first round measures; later rounds, and reruns with the same work folder, reuse it (kept
+    # in WORK/cost_curves.json like the artifacts), so that a rerun measures the same trees.
     rounds = max(1, cfg.repeats)
+    curves_file = work / "cost_curves.json"
+    curves = json.loads(curves_file.read_text()) if curves_file.is_file() else {}
     per_round = [{**j, "repeats": 1} for j in jobs]
     later = [{**j, "ppl": None} for j in per_round]
     runs: list[list[dict]] = [[] for _ in jobs]
@@ -232,10 +237,13 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
                 if r and (not job["decodes"] or "error" in runs[i][0]):
                     continue  # nothing to repeat (perplexity only), or it failed
                 bar.set_postfix_str(f"{job['label']} (round {r + 1}/{rounds})")
-                if r:
-                    job = {**job, "cost_curves": {d["decode"]: d["cost_curve"] for d in runs[i][0]["decodes"]
-                                                  if d.get("cost_curve")}}
+                if job["label"] in curves:
+                    job = {**job, "cost_curves": curves[job["label"]]}
                 runs[i].append(_run_job(job, work, cfg.isolate, bar))
+                if r == 0 and "error" not in runs[i][0]:
+                    curves[job["label"]] = {d["decode"]: d["cost_curve"] for d in runs[i][0]["decodes"]
+                                            if d.get("cost_curve")}
+        curves_file.write_text(json.dumps(curves, indent=1))
     results = [next((x for x in rr if "error" in x), None) or merge_rounds(rr) for rr in runs]
     report = assemble(model, cfg, results, plan, notes, [p["id"] for p in suite], [len(p) for p in prompts],
                       elapsed_s=time.perf_counter() - t0)
