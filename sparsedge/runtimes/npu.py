@@ -131,8 +131,9 @@ class NpuRuntime:
 
     exact: run every call through one graph (the largest), so that a token's logits never depend
     on how many tokens its call carried. One graph's rows are bit-identical whether a token comes
-    alone, in a chain or in a tree, and after keep() (measured on QNN HTP and on the CPU provider),
-    but two graphs' are not: the 1-token and 8-token graphs differ by up to 0.1 logits on HTP
+    alone, in a chain or in a tree, and after keep() (on the CPU provider; on QNN HTP for a tiny
+    model, while on SmolLM2 at context 512 HTP's rows differ at the last bit between a context held
+    in past slots and in new columns, enough to part at near-ties), but two graphs' are not: the 1-token and 8-token graphs differ by up to 0.1 logits on HTP
     (other tilings, fp16 sums), enough to flip a near-tie, and speculative output would then differ
     from plain greedy. None (default): probe at load and use every graph only if their rows agree
     bit for bit. False: the smallest graph per call (fastest plain decoding; speculative decoding
