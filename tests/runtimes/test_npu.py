@@ -282,3 +282,16 @@ def test_real_model_on_the_emulated_htp(real_npu):
         print(f"speculative = HTP greedy for the first {d} of {len(greedy)} known tokens")
         assert d == len(greedy) or gap[d] < 0.3, (d, float(gap[d]))
     assert st.steps <= 16  # 2 x 16 tokens in far fewer HTP calls than tokens
+
+
+def test_cli_runs_the_npu_artifact(tiny_npu, capsys):
+    import json
+
+    from sparsedge.cli import main
+
+    art = str(tiny_npu["art"].path)
+    assert main(["run", art, "--runtime", "npu", "--provider", "cpu", "-p", "ab", "-n", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["runtime"] == "npu" and out["new_tokens"] == 4
+    assert main(["run", art, "--runtime", "torch", "--provider", "cpu", "-p", "ab", "-n", "4"]) == 1
+    assert "--provider applies to --runtime npu" in capsys.readouterr().err
