@@ -119,16 +119,20 @@ def _qdq(src: Path, dst: Path, opts: dict[str, Any]) -> int:
     types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16,
              "int8": QuantType.QInt8, "int16": QuantType.QInt16}
     act, wt = opts["activation_type"], opts["weight_type"]
-    static = "sparsedge.static" in read_metadata(_load_meta(src))
+    # the graph is read once here (a static SmolLM2 graph is one 0.6 GB protobuf): metadata, float
+    # nodes, then the outlier probe, which extends this copy's outputs
+    model = _load_meta(src)
+    static = "sparsedge.static" in read_metadata(model)
     reader = _CalibReader(src, opts["calib_ids"], opts.get("calib_windows", CALIB_WINDOWS), first=static)
     exclude = None
     if static:
-        exclude = _float_nodes(_load_meta(src)) + _outlier_matmuls(src, reader)
+        exclude = _float_nodes(model) + _outlier_matmuls(model, src.parent, reader)
         opts["float_nodes"] = len(exclude)
         reader.rewind()
     cfg = get_qnn_qdq_config(str(src), reader, activation_type=types[act], weight_type=types[wt],
                              per_channel=opts.get("per_channel", False), nodes_to_exclude=exclude,
                              init_overrides=opts.get("scales"))
+    del model
     quantize(str(src), str(dst), cfg)
     model = _load(dst)
     _finish(model, src, dst)
@@ -226,8 +230,8 @@ OUTLIER_INPUT = 256.0
 
 
 def _float_nodes(model) -> list[str]:
-    """Nodes of a static graph that stay in float when it is quantized: every RMSNorm op and the
-    residual adds. The residual stream carries SmolLM2's massive activation (2.3e4 in one channel on
+    """Nodes of a static graph that stay in float when it is quantized: every RMSNorm op, the
+    residual adds and the weights' column scales (sparsedge.export.onnx.is_float_node). The residual stream carries SmolLM2's massive activation (2.3e4 in one channel on
     the first token, < 100 elsewhere): one 16-bit scale over it is too coarse for every other token,
     and clipping it breaks the attention sink that all later tokens rely on (top-1 agreement with
     fp32: 0-3%). fp16 holds both ends; the NPU runs these ops in fp16, the matmuls in A16W8."""
@@ -236,12 +240,15 @@ def _float_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if is_float_node(n.name)]
 
 
-def _outlier_matmuls(src: Path, reader: "_CalibReader") -> list[str]:
-    """Linear MatMuls whose activation input exceeds OUTLIER_INPUT on the calibration samples."""
+def _outlier_matmuls(model, folder: Path, reader: "_CalibReader") -> list[str]:
+    """Linear MatMuls whose activation input exceeds OUTLIER_INPUT on the calibration samples.
+    model: the fp32 graph as _load_meta read it from ``folder`` (its weights are loaded and its
+    outputs extended, in place)."""
     import onnx
     import onnxruntime as ort
+    from onnx.external_data_helper import load_external_data_for_model
 
-    model = onnx.load(str(src))
+    load_external_data_for_model(model, str(folder))  # a no-op for a graph in one file
     inits = {t.name for t in model.graph.initializer}
     mms = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     watch = list(dict.fromkeys(n.input[0] for n in mms))
