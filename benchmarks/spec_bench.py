@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: spinning OpenMP threads collapse
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
-    ap.add_argument("--runtimes", default="native,llamacpp,onnxruntime")
+    ap.add_argument("--runtimes", default="native,llamacpp,onnxruntime",
+                    help="comma list of NAME or NAME:QUANT (a file of the artifact, e.g. onnxruntime:fp32)")
     ap.add_argument("--drafters", default="ngram,recycle,ngram+recycle")
     ap.add_argument("--modes", default="tree", help="spec and/or tree")
     ap.add_argument("--tokens", type=int, default=128)
@@ -55,9 +53,11 @@ def main(argv=None) -> int:
     cfg = GenerationConfig(max_new_tokens=a.tokens)
     seed_ids = warm_ids(loaded.tokenizer, a.warm)
     rows, plain_tps = [], {}
-    for rname in [r.strip() for r in a.runtimes.split(",") if r.strip()]:
+    for entry in [r.strip() for r in a.runtimes.split(",") if r.strip()]:
+        # NAME or NAME:QUANT (e.g. onnxruntime:fp32); --quant applies to the GGUF runtimes
+        rname, _, q = entry.partition(":")
+        q = q or (a.quant if a.quant and rname in ("llamacpp", "native") else None)
         opts = {"threads": a.threads}
-        q = a.quant if a.quant and rname in ("llamacpp", "native") else None
         try:
             rt = open_runtime(loaded, rname, **opts, **({"quant": q} if q else {}))
         except Exception as e:  # a runtime that is not installed is reported, not fatal
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         list(generate(rt, prompts[0], GenerationConfig(max_new_tokens=8)))  # warm-up
         base = run_suite(prompts, plain)
         ref, dec, n_tok = base.outputs, base.decode_s, base.decoded
-        plain_tps[rname] = n_tok / dec
-        rows.append({"runtime": rname, "drafter": "-", "mode": "greedy", "tok_s": round(n_tok / dec, 2),
+        plain_tps[entry] = n_tok / dec
+        rows.append({"runtime": entry, "drafter": "-", "mode": "greedy", "tok_s": round(n_tok / dec, 2),
                      "identical": True})
-        print(f"{rname:12s} plain greedy {n_tok / dec:8.2f} tok/s", file=sys.stderr)
+        print(f"{entry:12s} plain greedy {n_tok / dec:8.2f} tok/s", file=sys.stderr)
         for dname in [d.strip() for d in a.drafters.split(",") if d.strip()]:
             dr = make_drafter(dname.replace("+", ","), tgt)
             if seed_ids:
@@ -91,18 +91,18 @@ def main(argv=None) -> int:
                 same = run.outputs == ref
                 tps = n_tok / run.decode_s
                 f = run.figures()
-                row = {"runtime": rname, "drafter": dname, "mode": mode, "tok_s": round(tps, 2),
+                row = {"runtime": entry, "drafter": dname, "mode": mode, "tok_s": round(tps, 2),
                        "identical": same, "steps": run.steps,
                        **{k: round(f.get(k, 0.0), 3) for k in ("mean_accepted", "acceptance_rate", "nodes_per_step",
                                                                "draft_s", "verify_s")},
-                       "vs_plain": round(tps / plain_tps[rname], 3)}
+                       "vs_plain": round(tps / plain_tps[entry], 3)}
                 rows.append(row)
-                print(f"{rname:12s} {dname:24s} {mode:5s} {tps:8.2f} tok/s  x{row['vs_plain']:.2f}  "
+                print(f"{entry:12s} {dname:24s} {mode:5s} {tps:8.2f} tok/s  x{row['vs_plain']:.2f}  "
                       f"{row['mean_accepted']:.2f} tok/step  identical={same}", file=sys.stderr)
             dr.close()
         getattr(rt, "close", lambda: None)()
         del rt
-    base = plain_tps.get("llamacpp")
+    base = next((v for k, v in plain_tps.items() if k.partition(":")[0] == "llamacpp"), None)
     for r in rows:
         r["vs_llamacpp"] = round(r["tok_s"] / base, 3) if base else None
     lines = ["| runtime | drafter | mode | tok/s | × plain (same runtime) | × llama.cpp plain | tokens/step | "

@@ -487,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--formats", default=None, help="comma list of gguf, onnx (default both, or the target's)")
     s.add_argument("--gguf-quant", default=None, help="comma list of f32, f16, q8_0, q4_0, q4_k_m "
                    "(default q4_0, or the target's)")
-    s.add_argument("--onnx-quant", default=None, help="comma list of fp32, int4, int8w (8-bit weight-only), int8, "
-                   "qdq (default int4, or the target's)")
+    s.add_argument("--onnx-quant", default=None, help="comma list of fp32, int4 (fitted 4-bit blocks, 8-bit head), int4sym "
+                   "(symmetric 4-bit, every MatMul), int8w (8-bit weight-only), int8, qdq (default int4, or the "
+                   "target's)")
     s.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     s.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     s.set_defaults(func=cmd_export)

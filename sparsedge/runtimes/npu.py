@@ -244,15 +244,22 @@ class NpuRuntime:
         """The smallest graph in use that holds k tokens, else the largest (the call is chunked)."""
         return next((g for g in self._use if g.tokens >= k), self._use[-1])
 
+    def _chunk(self, start: int, toks, pos, mask, done: int):
+        """(graph, n, feed) for the next chunk of a forward that began at slot ``start`` and has
+        run ``done`` of its tokens: the smallest graph that holds the rest (else the largest). Its
+        tokens see every entry before the forward, then the new ones by the tree mask."""
+        g = self._pick(toks.shape[0] - done)
+        n = min(toks.shape[0] - done, g.tokens)
+        vis = np.ones((n, self._n + n), dtype=bool)
+        vis[:, start : self._n + n] = mask[done : done + n, : done + n]
+        return g, n, self._chunk_feed(g, toks[done : done + n], pos[done : done + n], vis)
+
     def inputs(self, tokens, positions=None, tree_mask=None) -> dict[str, np.ndarray]:
         """The inputs ``forward`` would feed its first graph call, without running it (calibration
         readers use it). Arrays are copies."""
         toks, pos, mask = check_forward_args(tokens, positions, tree_mask, self._n, self.vocab_size)
-        g = self._pick(toks.shape[0])
-        n = min(toks.shape[0], g.tokens)
-        vis = np.ones((n, self._n + n), dtype=bool)
-        vis[:, self._n :] = mask[:n, :n]
-        return {k: np.array(v, copy=True) for k, v in self._chunk_feed(g, toks[:n], pos[:n], vis).items()}
+        _, _, feed = self._chunk(self._n, toks, pos, mask, 0)
+        return {k: np.array(v, copy=True) for k, v in feed.items()}
 
     # ---- protocol ----------------------------------------------------------------------------
     def forward(self, tokens, positions=None, tree_mask=None) -> np.ndarray:
@@ -266,12 +273,7 @@ class NpuRuntime:
         out = []
         done = 0
         while done < k:
-            g = self._pick(k - done)
-            n = min(k - done, g.tokens)
-            # what the chunk's tokens see: every entry before this forward, then by the tree mask
-            vis = np.ones((n, self._n + n), dtype=bool)
-            vis[:, start : self._n + n] = mask[done : done + n, : done + n]
-            feed = self._chunk_feed(g, toks[done : done + n], pos[done : done + n], vis)
+            g, n, feed = self._chunk(start, toks, pos, mask, done)
             res = g.session.run(g.outputs, feed)
             for j in range(2 * self.spec.n_layers):  # present.* [1, n_kv, T, hd] -> slots
                 self._kv[j][:, :, self._n : self._n + n] = res[1 + j][:, :, :n]

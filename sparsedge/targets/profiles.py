@@ -119,11 +119,11 @@ QUALCOMM_NPU = TargetProfile(
     requires=(NPU_RUNTIME, QNN_EP),
 )
 
-# Intel Core Ultra NPU: OpenVINO's execution provider takes symmetric int4 weights (MatMulNBits,
-# our int4 kind is symmetric) and fixes shapes itself when it compiles for the NPU device.
+# Intel Core Ultra NPU: OpenVINO's execution provider takes symmetric int4 weights (MatMulNBits
+# without zero points: our int4sym kind) and fixes shapes itself when it compiles for the NPU device.
 INTEL_NPU = TargetProfile(
     name="intel-npu", description="Intel NPU through ONNX Runtime's OpenVINO execution provider",
-    formats=("onnx",), onnx_quants=("int4",),
+    formats=("onnx",), onnx_quants=("int4sym",),
     runtime="onnxruntime", runtimes=("onnxruntime",),
     providers=("OpenVINOExecutionProvider", "CPUExecutionProvider"),
     context=2048, tree_budget=8,
