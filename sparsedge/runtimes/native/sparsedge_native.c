@@ -26,9 +26,15 @@
  *               belongs to one row: a token's 4 activations broadcast to all lanes meet 8 rows at
  *               once, per-row sums come out lane by lane (no horizontal sums), and the unpacked
  *               tile is reused by every token of a k-token step while it sits in registers.
- * Activations for ROW and R8 quantized weights are quantized per block of 32 (int8 + float scale),
- * and dot products run in integers (AVX2: maddubs / madd), as llama.cpp's q8 dot products do; COL
- * weights meet float activations (each active channel dequantized and added, axpy).
+ * Activations for quantized weights are quantized per block of 32 (int8 + float scale), and
+ * products run in integers (AVX2: maddubs / madd), as llama.cpp's q8 dot products do: ROW and R8
+ * as dot products, COL over each block's active channels (col_q4 / col_q8: the same integer sum per
+ * (row, block) and the same float step as the R8 kernels, so skipping channels changes nothing but
+ * the work). F32 COL weights meet float activations (axpy per active channel).
+ * Skipping saves compute but hardly memory traffic here: a token's active channels are scattered,
+ * each a slice of a few hundred bytes, and this class of CPU serves such reads at a third of the
+ * rate of one sequential stream (benchmarks/skip_bandwidth.py), so out of cache a COL product at
+ * 50% sparsity is slower than the dense R8 one.
  *
  * Kernels come in a scalar version and a SIMD version (AVX2+FMA on x86-64, NEON on aarch64),
  * picked at run time from the CPU's features (__builtin_cpu_supports), never from the build
@@ -129,10 +135,17 @@ typedef struct {
      * folded out of the integer sums, ready to subtract) */
     void (*quant_q8)(const float *x, int8_t *q, float *d, float *s, int32_t *isum, int nb);
     void (*axpy_f32)(float *y, const float *x, float a, int n);
-    void (*axpy_i8)(float *y, const int8_t *x, float a, int n);
-    void (*axpy_q4)(float *y, const uint8_t *x, float a, int ngroups); /* 32*ngroups values q-8 */
-    void (*muladd)(float *y, const float *d, const float *acc, int n);  /* y += d * acc */
-    void (*axpy2_q4)(float *y, const uint8_t *x0, const uint8_t *x1, float a0, float a1, int ngroups);
+    /* COL Q4_0, one input block of one token, integer: y[r] += (d[r] * xd) * (sum_j (q_j[r] - 8) xa[j])
+     * for r < 32 * ngroups, the sum over the block's na active channels j (na a multiple of 4, at
+     * most 32; padding entries have xa = 0), cp[j] channel j's nibbles at the first row, xsum8 =
+     * 8 * sum_j xa[j]. The same integer sum and the same float operation per block as r8_q4 on the
+     * block's full 32 channels, so the result is bit-identical to the dense kernel's on the same
+     * (thresholded) input. */
+    void (*col_q4)(const uint8_t *const *cp, const int8_t *xa, int na, int ngroups, const float *d, float xd,
+                   int32_t xsum8, float *y);
+    /* COL Q8_0 (int8 per row), the same for n rows (any n; SIMD passes of 32): y[r] += (d[r] * xd) *
+     * (sum_j q_j[r] xa[j]); bit-identical to r8_q8 on the block */
+    void (*col_q8)(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd, float *y);
     /* k-token products, one R8 group (8 rows) against k quantized tokens (token t at xq + t*cols,
      * scales xd + t*nb, Q4_0: xsum + t*nb = 8 * each block's int8 sum): y[t*ystride + i] = row
      * 8g+i . x[t], i < 8 */
@@ -213,28 +226,29 @@ static void axpy_f32_scalar(float *y, const float *x, float a, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static void axpy_i8_scalar(float *y, const int8_t *x, float a, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * (float)x[i];
-}
-
-static void axpy_q4_scalar(float *y, const uint8_t *x, float a, int ngroups) {
-    for (int g = 0; g < ngroups; g++) {
-        const uint8_t *xb = x + g * (QK / 2);
-        float *yb = y + g * QK;
+static void col_q4_scalar(const uint8_t *const *cp, const int8_t *xa, int na, int ngroups, const float *d, float xd,
+                          int32_t xsum8, float *y) {
+    for (int g = 0; g < ngroups; g++)
         for (int j = 0; j < QK / 2; j++) {
-            yb[j] += a * (float)((int)(xb[j] & 0x0F) - 8);
-            yb[j + QK / 2] += a * (float)((int)(xb[j] >> 4) - 8);
+            int32_t lo = 0, hi = 0; /* rows 32g + j and 32g + 16 + j */
+            for (int a = 0; a < na; a++) {
+                const uint8_t byte = cp[a][g * (QK / 2) + j];
+                lo += (int32_t)(byte & 0x0F) * xa[a];
+                hi += (int32_t)(byte >> 4) * xa[a];
+            }
+            const int r = g * QK + j;
+            y[r] += d[r] * xd * (float)(lo - xsum8);
+            y[r + QK / 2] += d[r + QK / 2] * xd * (float)(hi - xsum8);
         }
+}
+
+static void col_q8_scalar(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
+                          float *y) {
+    for (int r = 0; r < n; r++) {
+        int32_t sum = 0;
+        for (int a = 0; a < na; a++) sum += (int32_t)cp[a][r] * xa[a];
+        y[r] += d[r] * xd * (float)sum;
     }
-}
-
-static void muladd_scalar(float *y, const float *d, const float *acc, int n) {
-    for (int i = 0; i < n; i++) y[i] += d[i] * acc[i];
-}
-
-static void axpy2_q4_scalar(float *y, const uint8_t *x0, const uint8_t *x1, float a0, float a1, int ngroups) {
-    axpy_q4_scalar(y, x0, a0, ngroups);
-    axpy_q4_scalar(y, x1, a1, ngroups);
 }
 
 static inline int32_t ld_i32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
@@ -425,66 +439,96 @@ AVX2 static void axpy_f32_avx2(float *y, const float *x, float a, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-AVX2 static void axpy_i8_avx2(float *y, const int8_t *x, float a, int n) {
-    __m256 va = _mm256_set1_ps(a);
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(x + i));
-        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, f0, _mm256_loadu_ps(y + i)));
-        _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(va, f1, _mm256_loadu_ps(y + i + 8)));
+/* COL Q4_0, integer (see se_kernels.col_q4). Four active channels c0..c3 per pass over 32 rows:
+ * their 16-byte groups (low nibbles rows 0-15, high rows 16-31) are paired as [c0 | c1] and
+ * [c2 | c3] in the two 128-bit lanes, split into nibbles, and byte-interleaved, so that each
+ * 32-byte vector holds 8 rows x the channel pair (c0, c2) in lane 0 and (c1, c3) in lane 1; one
+ * maddubs against the pairs' activations then gives per row and lane w0 x0 + w2 x2 (int16). A
+ * lane sums at most 8 passes of 2 * 15 * 127: 30480, no overflow; the lanes are added in int32.
+ * 22 instructions per 128 multiply-adds (the dense R8 kernel: about 48 per 256). */
+AVX2 static void col_q4_avx2(const uint8_t *const *cp, const int8_t *xa, int na, int ngroups, const float *d,
+                             float xd, int32_t xsum8, float *y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int nq = na / 4;
+    __m256i xv[8];
+    for (int j = 0; j < nq; j++) {
+        const int8_t *a = xa + 4 * j;
+        const short p02 = (short)((uint8_t)a[0] | ((uint8_t)a[2] << 8)), p13 = (short)((uint8_t)a[1] | ((uint8_t)a[3] << 8));
+        xv[j] = _mm256_setr_m128i(_mm_set1_epi16(p02), _mm_set1_epi16(p13));
     }
-    for (; i < n; i++) y[i] += a * (float)x[i];
-}
-
-AVX2 static void axpy_q4_avx2(float *y, const uint8_t *x, float a, int ngroups) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    __m256 va = _mm256_set1_ps(a);
+    const __m256 vxd = _mm256_set1_ps(xd);
+    const __m256i vsum = _mm256_set1_epi32(xsum8);
     for (int g = 0; g < ngroups; g++) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(x + g * 16));
-        __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, m4), eight);
-        __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight);
-        float *yb = y + g * QK;
-        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-        __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-        _mm256_storeu_ps(yb, _mm256_fmadd_ps(va, f0, _mm256_loadu_ps(yb)));
-        _mm256_storeu_ps(yb + 8, _mm256_fmadd_ps(va, f1, _mm256_loadu_ps(yb + 8)));
-        _mm256_storeu_ps(yb + 16, _mm256_fmadd_ps(va, f2, _mm256_loadu_ps(yb + 16)));
-        _mm256_storeu_ps(yb + 24, _mm256_fmadd_ps(va, f3, _mm256_loadu_ps(yb + 24)));
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        const size_t off = (size_t)g * 16;
+        for (int j = 0; j < nq; j++) {
+            const uint8_t *const *p = cp + 4 * j;
+            __m256i v01 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[0] + off))),
+                                                  _mm_loadu_si128((const __m128i *)(p[1] + off)), 1);
+            __m256i v23 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[2] + off))),
+                                                  _mm_loadu_si128((const __m128i *)(p[3] + off)), 1);
+            __m256i l01 = _mm256_and_si256(v01, m4), h01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), m4);
+            __m256i l23 = _mm256_and_si256(v23, m4), h23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), m4);
+            a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(l01, l23), xv[j])); /* rows 0-7 */
+            a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(l01, l23), xv[j])); /* 8-15 */
+            a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(h01, h23), xv[j])); /* 16-23 */
+            a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(h01, h23), xv[j])); /* 24-31 */
+        }
+        const __m256i acc[4] = {a0, a1, a2, a3};
+        float *yg = y + (size_t)g * QK;
+        const float *dg = d + (size_t)g * QK;
+        for (int i = 0; i < 4; i++) {
+            __m256i s32 = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i])),
+                                           _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1)));
+            s32 = _mm256_sub_epi32(s32, vsum);
+            _mm256_storeu_ps(yg + 8 * i, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(dg + 8 * i), vxd),
+                                                         _mm256_cvtepi32_ps(s32), _mm256_loadu_ps(yg + 8 * i)));
+        }
     }
 }
 
-/* two channels per pass: the accumulator is loaded and stored once for both */
-AVX2 static void axpy2_q4_avx2(float *y, const uint8_t *x0, const uint8_t *x1, float a0, float a1, int ngroups) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const __m256 va = _mm256_set1_ps(a0), vb = _mm256_set1_ps(a1);
-    for (int g = 0; g < ngroups; g++) {
-        __m128i r0 = _mm_loadu_si128((const __m128i *)(x0 + g * 16));
-        __m128i r1 = _mm_loadu_si128((const __m128i *)(x1 + g * 16));
-        __m128i l0 = _mm_sub_epi8(_mm_and_si128(r0, m4), eight), h0 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), eight);
-        __m128i l1 = _mm_sub_epi8(_mm_and_si128(r1, m4), eight), h1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(r1, 4), m4), eight);
-        float *yb = y + g * QK;
-#define SE_Q4PAIR(off, s0, s1)                                                                          \
-        _mm256_storeu_ps(yb + off, _mm256_fmadd_ps(vb, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s1)),   \
-                         _mm256_fmadd_ps(va, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s0)), _mm256_loadu_ps(yb + off))));
-        SE_Q4PAIR(0, l0, l1)
-        SE_Q4PAIR(8, _mm_srli_si128(l0, 8), _mm_srli_si128(l1, 8))
-        SE_Q4PAIR(16, h0, h1)
-        SE_Q4PAIR(24, _mm_srli_si128(h0, 8), _mm_srli_si128(h1, 8))
-#undef SE_Q4PAIR
+/* COL Q8_0, integer (see se_kernels.col_q8). Four active channels per pass over 32 rows, their
+ * 32-byte columns interleaved into per-row quads (c0 c1 c2 c3), as the R8 tiles hold them: lane
+ * i of quad vector v is row {4v..4v+3, 16+4v..16+4v+3}[i] (unpack works within 128-bit lanes), and
+ * the scales and outputs are read in that order. maddubs(|w|, sign(x, w)) + madd to int32 per row,
+ * as r8_q8 does; a pass sums 4 products of at most 127 * 127. Rows past the last 32 one by one. */
+AVX2 static void col_q8_avx2(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
+                             float *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int nq = na / 4, n32 = n / 32 * 32;
+    const __m256 vxd = _mm256_set1_ps(xd);
+    for (int r = 0; r < n32; r += 32) {
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int j = 0; j < nq; j++) {
+            const int8_t *const *p = cp + 4 * j;
+            const __m256i xv = _mm256_set1_epi32(ld_i32(xa + 4 * j));
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(p[0] + r)), v1 = _mm256_loadu_si256((const __m256i *)(p[1] + r));
+            __m256i v2 = _mm256_loadu_si256((const __m256i *)(p[2] + r)), v3 = _mm256_loadu_si256((const __m256i *)(p[3] + r));
+            __m256i lo01 = _mm256_unpacklo_epi8(v0, v1), hi01 = _mm256_unpackhi_epi8(v0, v1);
+            __m256i lo23 = _mm256_unpacklo_epi8(v2, v3), hi23 = _mm256_unpackhi_epi8(v2, v3);
+            __m256i w[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                            _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(w[v], w[v]), _mm256_sign_epi8(xv, w[v])), ones));
+        }
+        for (int v = 0; v < 4; v++) {
+            float *y0 = y + r + 4 * v, *y1 = y0 + 16;
+            const float *d0 = d + r + 4 * v, *d1 = d0 + 16;
+            __m256 dv = _mm256_set_m128(_mm_loadu_ps(d1), _mm_loadu_ps(d0));
+            __m256 yv = _mm256_set_m128(_mm_loadu_ps(y1), _mm_loadu_ps(y0));
+            yv = _mm256_fmadd_ps(_mm256_mul_ps(dv, vxd), _mm256_cvtepi32_ps(acc[v]), yv);
+            _mm_storeu_ps(y0, _mm256_castps256_ps128(yv));
+            _mm_storeu_ps(y1, _mm256_extractf128_ps(yv, 1));
+        }
+    }
+    for (int r = n32; r < n; r++) { /* the same fma per row as the SIMD rows (and r8_q8) */
+        int32_t sum = 0;
+        for (int j = 0; j < na; j++) sum += (int32_t)cp[j][r] * xa[j];
+        y[r] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(d[r] * xd), _mm_set_ss((float)sum), _mm_set_ss(y[r])));
     }
 }
 
-AVX2 static void muladd_avx2(float *y, const float *d, const float *acc, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(acc + i),
-                                                _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += d[i] * acc[i];
-}
 /* k-token R8 products. T (1..4) tokens per pass, a compile-time constant after inlining: the
  * unpacked tile (2 registers) meets T tokens, each with an int16 and a float accumulator (8 rows
  * in the 8 lanes), 4 + 2T + 2 <= 14 ymm registers live. */
@@ -805,17 +849,6 @@ static void axpy_f32_neon(float *y, const float *x, float a, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-static void axpy_i8_neon(float *y, const int8_t *x, float a, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        int16x8_t v = vmovl_s8(vld1_s8(x + i));
-        float32x4_t f0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v)));
-        float32x4_t f1 = vcvtq_f32_s32(vmovl_s16(vget_high_s16(v)));
-        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), f0, a));
-        vst1q_f32(y + i + 4, vfmaq_n_f32(vld1q_f32(y + i + 4), f1, a));
-    }
-    for (; i < n; i++) y[i] += a * (float)x[i];
-}
 #endif /* SE_NEON */
 
 SE_API int se_set_level(int level) {
@@ -825,8 +858,8 @@ SE_API int se_set_level(int level) {
         level = (e && *e && strcmp(e, "0") != 0) ? 0 : 99;
     }
     se_kernels k = {dot_f32_scalar, dot_q8_scalar, dot_q4_scalar, quant_q8_scalar,
-                    axpy_f32_scalar, axpy_i8_scalar, axpy_q4_scalar, muladd_scalar, axpy2_q4_scalar,
-                    r8_q4_scalar, r8_q8_scalar, dotk_f32_generic, scores_generic, softmax_exp_scalar,
+                    axpy_f32_scalar,
+                    col_q4_scalar, col_q8_scalar, r8_q4_scalar, r8_q8_scalar, dotk_f32_generic, scores_generic, softmax_exp_scalar,
                     wsum_generic, act_vec_scalar, mul8_scalar};
     int got = 0;
 #ifdef SE_X86
@@ -834,8 +867,8 @@ SE_API int se_set_level(int level) {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
             k.dot_f32 = dot_f32_avx2; k.dot_q8 = dot_q8_avx2; k.dot_q4 = dot_q4_avx2;
-            k.quant_q8 = quant_q8_avx2; k.axpy_f32 = axpy_f32_avx2; k.axpy_i8 = axpy_i8_avx2;
-            k.axpy_q4 = axpy_q4_avx2; k.muladd = muladd_avx2; k.axpy2_q4 = axpy2_q4_avx2;
+            k.quant_q8 = quant_q8_avx2; k.axpy_f32 = axpy_f32_avx2;
+            k.col_q4 = col_q4_avx2; k.col_q8 = col_q8_avx2;
             k.r8_q4 = r8_q4_avx2; k.r8_q8 = r8_q8_avx2; k.dotk_f32 = dotk_f32_avx2;
             k.scores = scores_avx2; k.softmax_exp = softmax_exp_avx2; k.wsum = wsum_avx2;
             k.act_vec = act_vec_avx2; k.mul8 = mul8_avx2;
@@ -846,7 +879,7 @@ SE_API int se_set_level(int level) {
 #ifdef SE_NEON
     if (level >= 1) { /* NEON is part of the aarch64 base ISA */
         k.dot_f32 = dot_f32_neon; k.dot_q8 = dot_q8_neon; k.dot_q4 = dot_q4_neon;
-        k.axpy_f32 = axpy_f32_neon; k.axpy_i8 = axpy_i8_neon;
+        k.axpy_f32 = axpy_f32_neon;
         got = 2;
     }
 #endif
@@ -975,8 +1008,10 @@ static inline void prefetch_next_cols(const se_mat *W, const float *x, int cb, i
 /* Y[t] = W X[t] for COL layout, skipping every input channel c with X[t][c] == 0: each thread owns a
  * range of output rows (groups of 32) and walks the input channels block by block; the block's
  * columns stay in cache while every token's active channels of that block are added.
- * acc: per-thread scratch of at least rows floats. */
-static void mm_col(const se_mat *W, int k, const float *X, float *Y, float *acc) {
+ * Q4_0 / Q8_0: X quantized in qa (as for ROW / R8; a channel is active when its int8 value is
+ * nonzero), integer sums per block (col_q4 / col_q8), the same function as the dense kernels on the
+ * same input. F32: float axpy over the active channels. */
+static void mm_col(const se_mat *W, int k, const float *X, const se_qact *qa, float *Y) {
     const int rows = W->rows, cols = W->cols;
     const int nth = thread_count(), tid = thread_id();
     const int ng = (rows + QK - 1) / QK;
@@ -996,24 +1031,32 @@ static void mm_col(const se_mat *W, int k, const float *X, float *Y, float *acc)
                         if (x[c] != 0.f) K.axpy_f32(y, (const float *)W->q + (size_t)c * rows + r0, x[c], n);
                     continue;
                 }
-                int act[QK], na = 0;
-                for (int c = cb; c < ce; c++)
-                    if (x[c] != 0.f) act[na++] = c;
+                if (W->type == SE_Q4_0) {
+                    /* rows % 32 == 0 (to_col keeps other shapes as Q8_0), cols % 32 == 0 */
+                    const int8_t *xq = qa->q + (size_t)t * cols + cb;
+                    const uint8_t *cp[QK];
+                    int8_t xa[QK];
+                    int na = 0;
+                    for (int c = 0; c < QK; c++)
+                        if (xq[c]) { cp[na] = (const uint8_t *)W->q + ((size_t)(cb + c) * rows + r0) / 2; xa[na++] = xq[c]; }
+                    prefetch_next_cols(W, x, cb, cols, rows, r0, n);
+                    if (!na) continue;
+                    for (; na % 4; na++) { cp[na] = cp[0]; xa[na] = 0; } /* pad: zero activations add nothing */
+                    const size_t b = (size_t)t * (cols / QK) + cb / QK;
+                    K.col_q4(cp, xa, na, n / QK, W->d + (size_t)(cb / QK) * rows + r0, qa->d[b], qa->sum[b], y);
+                    continue;
+                }
+                /* Q8_0 */
+                const int8_t *xq = qa->q + (size_t)t * cols + cb;
+                const int8_t *cp[QK];
+                int8_t xa[QK];
+                int na = 0;
+                for (int c = 0; c < ce - cb; c++)
+                    if (xq[c]) { cp[na] = (const int8_t *)W->q + (size_t)(cb + c) * rows + r0; xa[na++] = xq[c]; }
                 prefetch_next_cols(W, x, cb, cols, rows, r0, n);
                 if (!na) continue;
-                memset(acc, 0, sizeof(float) * n);
-                if (W->type == SE_Q8_0) {
-                    for (int j = 0; j < na; j++)
-                        K.axpy_i8(acc, (const int8_t *)W->q + (size_t)act[j] * rows + r0, x[act[j]], n);
-                } else {
-                    const uint8_t *base = (const uint8_t *)W->q;
-                    int j = 0;
-                    for (; j + 2 <= na; j += 2)
-                        K.axpy2_q4(acc, base + ((size_t)act[j] * rows + r0) / 2, base + ((size_t)act[j + 1] * rows + r0) / 2,
-                                   x[act[j]], x[act[j + 1]], n / QK);
-                    if (j < na) K.axpy_q4(acc, base + ((size_t)act[j] * rows + r0) / 2, x[act[j]], n / QK);
-                }
-                K.muladd(y, W->d + (size_t)(cb / QK) * rows + r0, acc, n);
+                for (; na % 4; na++) { cp[na] = cp[0]; xa[na] = 0; }
+                K.col_q8(cp, xa, na, n, W->d + (size_t)(cb / QK) * rows + r0, qa->d[(size_t)t * (cols / QK) + cb / QK], y);
             }
         }
     }
@@ -1121,7 +1164,8 @@ static inline void site_row(const se_layer *L, int site, float *x, int width, se
     count_site(st, site, width, z);
 }
 
-static inline int needs_q8(const se_mat *W) { return W->layout != SE_COL && W->type != SE_F32; }
+/* activations quantized per block of 32: every quantized weight, whatever its layout */
+static inline int needs_q8(const se_mat *W) { return W->type != SE_F32; }
 
 static inline void quant_token(const float *X, int t, int cols, se_qact *qa) {
     const int nb = cols / QK;
@@ -1321,7 +1365,7 @@ static inline double wtime(void) {
  * that only the work-shared products need a barrier (6 per layer). With threads that sleep at
  * barriers (OMP_WAIT_POLICY=PASSIVE on a shared CPU) every barrier can cost a wake-up. */
 typedef struct {
-    float *x, *h, *hq, *ao, *tmp, *acc, *gt, *ut;
+    float *x, *h, *hq, *ao, *tmp, *gt, *ut;
     se_qact qa, qb;
 } se_tbuf;
 
@@ -1353,8 +1397,8 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
     const int nthr = nthreads > 0 ? nthreads : 1;
     /* shared: q, att [k][QD]; kk, vv [k][KD]; g, u, mm [k][F]; f [k][H]; scores; RoPE table */
     const size_t shared_n = (size_t)k * (2 * QD + 2 * KD + 3 * F + H) + (size_t)k * nh * total + (size_t)k * hd;
-    /* per thread: x, h, hq, tmp [k][H]; ao [k][QD]; acc [wq]; gt, ut [k][8] */
-    const size_t thr_n = (size_t)k * (4 * H + QD) + wq + (size_t)k * 16 + 16;
+    /* per thread: x, h, hq, tmp [k][H]; ao [k][QD]; gt, ut [k][8] */
+    const size_t thr_n = (size_t)k * (4 * H + QD) + (size_t)k * 16 + 16;
     const size_t thr_q = (size_t)k * (wq + H) + 64, thr_nb = thr_q / QK + 8;
     float *buf = (float *)malloc(sizeof(float) * (shared_n + thr_n * nthr));
     int8_t *qbuf = (int8_t *)malloc(thr_q * nthr);
@@ -1381,7 +1425,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
         {
             float *p = buf + shared_n + thr_n * tid;
             T.x = p; T.h = p + (size_t)k * H; T.hq = T.h + (size_t)k * H; T.tmp = T.hq + (size_t)k * H;
-            T.ao = T.tmp + (size_t)k * H; T.acc = T.ao + (size_t)k * QD; T.gt = T.acc + wq; T.ut = T.gt + (size_t)k * 8;
+            T.ao = T.tmp + (size_t)k * H; T.gt = T.ao + (size_t)k * QD; T.ut = T.gt + (size_t)k * 8;
             int8_t *qp = qbuf + thr_q * tid;
             float *sp = qsc + thr_nb * 2 * tid;
             int32_t *ip = qsum + thr_nb * tid;
@@ -1389,7 +1433,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
             T.qa = (se_qact){qp, sp, sp + thr_nb, ip};
             T.qb = (se_qact){qp + (size_t)k * wq, sp + nba, sp + thr_nb + nba, ip + nba};
         }
-        float *x = T.x, *h = T.h, *hq = T.hq, *acc = T.acc;
+        float *x = T.x, *h = T.h, *hq = T.hq;
         se_qact *qa = &T.qa, *qb = &T.qb;
         for (int t = 0; t < k; t++) {
             dequant_row(&m->embed, tokens[t], x + (size_t)t * H);
@@ -1429,7 +1473,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 for (int i = 0; i < 3; i++) {
                     const float *xin = (i == 0 && q_sep) ? hq : h;
                     if (all[i]->layout == SE_COL) {
-                        mm_col(all[i], k, xin, outs[i], acc);
+                        mm_col(all[i], k, xin, (i == 0 && q_sep) ? qb : qa, outs[i]);
                     } else {
                         W[n] = all[i]; X[n] = xin; QA[n] = (i == 0 && q_sep) ? qb : qa; Y[n] = outs[i]; n++;
                     }
@@ -1518,7 +1562,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 }
                 if (needs_q8(&L->o))
                     for (int t = 0; t < k; t++) quant_token(ain, t, QD, qa);
-                if (L->o.layout == SE_COL) mm_col(&L->o, k, ain, f, acc);
+                if (L->o.layout == SE_COL) mm_col(&L->o, k, ain, qa, f);
                 else { const se_mat *W[1] = {&L->o}; const float *X[1] = {ain}; se_qact *QA[1] = {qa}; float *Y[1] = {f};
                        mm_rows_multi(1, W, X, QA, Y, k); }
             }
@@ -1539,8 +1583,8 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 ffn_gate_up_fused(m, L, k, h, qa, mm, stats);
             } else {
                 const se_mat *W[2]; const float *X[2] = {h, h}; se_qact *QA[2] = {qa, qa}; float *Y[2]; int n = 0;
-                if (L->gate.layout == SE_COL) mm_col(&L->gate, k, h, g, acc); else { W[n] = &L->gate; Y[n++] = g; }
-                if (L->up.layout == SE_COL) mm_col(&L->up, k, h, u, acc); else { W[n] = &L->up; Y[n++] = u; }
+                if (L->gate.layout == SE_COL) mm_col(&L->gate, k, h, qa, g); else { W[n] = &L->gate; Y[n++] = g; }
+                if (L->up.layout == SE_COL) mm_col(&L->up, k, h, qa, u); else { W[n] = &L->up; Y[n++] = u; }
                 if (n) mm_rows_multi(n, W, X, QA, Y, k);
                 OMP_FOR
                 for (int t = 0; t < k; t++) {
@@ -1554,11 +1598,11 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
             PROF(P_GATEUP);
             /* I, J: down projection (COL: only each token's nonzero neurons); its post-norm and
              * residual are applied by the next step A (or the final norm) */
+            if (needs_q8(&L->down))
+                for (int t = 0; t < k; t++) quant_token(mm, t, F, qa);
             if (L->down.layout == SE_COL) {
-                mm_col(&L->down, k, mm, f, acc);
+                mm_col(&L->down, k, mm, qa, f);
             } else {
-                if (needs_q8(&L->down))
-                    for (int t = 0; t < k; t++) quant_token(mm, t, F, qa);
                 const se_mat *W[1] = {&L->down}; const float *X[1] = {mm}; se_qact *QA[1] = {qa}; float *Y[1] = {f};
                 mm_rows_multi(1, W, X, QA, Y, k);
             }
@@ -1570,7 +1614,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
             rmsnorm_row(h + (size_t)t * H, x + (size_t)t * H, m->out_norm, H, m->eps);
             if (needs_q8(&m->lm_head)) quant_token(h, t, H, qa);
         }
-        if (m->lm_head.layout == SE_COL) mm_col(&m->lm_head, k, h, logits, acc);
+        if (m->lm_head.layout == SE_COL) mm_col(&m->lm_head, k, h, qa, logits);
         else { const se_mat *W[1] = {&m->lm_head}; const float *X[1] = {h}; se_qact *QA[1] = {qa}; float *Y[1] = {logits};
                mm_rows_multi(1, W, X, QA, Y, k); }
         if (m->softcap > 0.f) {
@@ -1597,23 +1641,20 @@ SE_API void se_quant_q8(const float *x, int n, int8_t *q, float *d, float *s, in
 SE_API int se_matmul(const se_mat *W, int k, const float *X, float *Y, const uint8_t *rowmask, int nthreads) {
     ensure_kernels();
     int nthr = nthreads > 0 ? nthreads : 1;
-    int wide = W->rows > W->cols ? W->rows : W->cols;
     if (rowmask && W->layout != SE_ROW) return 3;
     int8_t *qb = (int8_t *)malloc((size_t)k * W->cols + 64);
     const size_t nbk = (size_t)k * W->cols / QK + 8;
     float *qd = (float *)malloc(sizeof(float) * nbk * 2);
     int32_t *qs = (int32_t *)malloc(sizeof(int32_t) * nbk);
-    float *accs = (float *)malloc(sizeof(float) * (size_t)nthr * wide);
-    if (!qb || !qd || !qs || !accs) { free(qb); free(qd); free(qs); free(accs); return 1; }
+    if (!qb || !qd || !qs) { free(qb); free(qd); free(qs); return 1; }
     se_qact qa = {qb, qd, qd + nbk, qs};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
     {
-        float *acc = accs + (size_t)thread_id() * wide;
-        if (W->layout == SE_COL) mm_col(W, k, X, Y, acc);
+        if (needs_q8(W)) quantize_rows(X, k, W->cols, &qa);
+        if (W->layout == SE_COL) mm_col(W, k, X, &qa, Y);
         else {
-            if (W->type != SE_F32) quantize_rows(X, k, W->cols, &qa);
             if (rowmask) mm_row(W, k, X, &qa, Y, rowmask);
             else {  /* the forward's path */
                 const se_mat *Ws[1] = {W}; const float *Xs[1] = {X}; se_qact *QA[1] = {&qa}; float *Ys[1] = {Y};
@@ -1621,7 +1662,7 @@ SE_API int se_matmul(const se_mat *W, int k, const float *X, float *Y, const uin
             }
         }
     }
-    free(qb); free(qd); free(qs); free(accs);
+    free(qb); free(qd); free(qs);
     return 0;
 }
 
