@@ -7,10 +7,10 @@ native dense (the file's recipe ignored), native sparse per recipe given, and ll
 (sparsedge.runtimes.llamacpp, when importable); the ratios native dense / llama.cpp and
 native sparse / native dense; and t(k)/t(1), the cost of one forward of k tokens relative to one
 token, for k = 1, 2, 4, 8, 16 (what sizes draft trees, DESIGN.md §3). For the native runtimes the
-curve is also given in process CPU time (``cpu t(k)/t(1)``): their threads sleep at barriers
-(OMP_WAIT_POLICY=PASSIVE), so CPU time counts the work alone, while wall time on a CPU shared with
-other jobs mostly measures the scheduler (llama.cpp's threads spin, so its CPU time would count
-waiting and is not reported). ``--ppl N`` adds perplexity
+curve is also given in process CPU time (``cpu t(k)/t(1)``): run with OMP_WAIT_POLICY=PASSIVE their
+threads sleep at barriers, so CPU time counts the work alone, while wall time on a CPU shared with
+other jobs mostly measures the scheduler (the engine's default short spin, and llama.cpp's spinning
+threads, count some waiting as CPU time). ``--ppl N`` adds perplexity
 over N held-out tokens (sparsedge.data's evaluation text) for every runtime; ``--json`` prints one
 JSON object.
 
@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-# OpenMP threads wait passively at barriers unless the user chose otherwise: on a CPU shared with
-# other jobs, spinning collapses 2-thread decoding (set before anything loads libgomp).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PROMPT = "The Python language reference describes the syntax and core semantics of the language. It is"
 
@@ -139,8 +134,7 @@ print(rss() - base, base)
 def _child(code: str, *argv: str) -> str:
     import subprocess
 
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"memory child failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
     return r.stdout.strip().splitlines()[-1]

@@ -177,7 +177,7 @@ def _run_job(job: dict, work: Path, isolate: bool, bar) -> dict:
     log = work / "logs" / f"{_slug(job['label'])}.log"
     jp.write_text(json.dumps(job))
     rp.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = dict(os.environ)  # the native engine's barrier wait: its own default unless the user set one
     with open(log, "w") as lf:
         p = subprocess.Popen([sys.executable, "-m", "sparsedge.bench.worker", str(jp), str(rp)],
                              stdout=subprocess.PIPE, stderr=lf, text=True, env=env)

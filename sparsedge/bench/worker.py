@@ -6,13 +6,8 @@ Progress goes to stdout as lines ``progress N`` (the parent's bar counts them); 
 
 from __future__ import annotations
 
-import os
-
-# OpenMP threads wait passively at barriers: spinning collapses 2-thread decoding on a shared CPU.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import json  # noqa: E402
-import sys  # noqa: E402
+import json
+import sys
 
 
 def main(argv: list[str]) -> int:

@@ -823,3 +823,14 @@ def test_gemma3_f32_matches_torch_past_the_sliding_window(tmp_path):
     tree = [9, 33, 71, 120, 4, 18, 230, 66]
     np.testing.assert_allclose(rt.forward(tree, rt.n_past + depth, mask),
                                ref.forward(tree, ref.n_past + depth, mask), atol=1e-3)
+
+
+def test_read_chunks_probe_reads_what_it_is_given():
+    """se_read_chunks (benchmarks/skip_bandwidth.py) sums the 8-byte words of exactly the chunks
+    named, every byte of each, and no other."""
+    rng = np.random.default_rng(11)
+    buf = rng.integers(0, 256, 4096 * 8, dtype=np.uint8)
+    for chunk in (8, 40, 144, 4096):
+        off = np.flatnonzero(rng.random(buf.size // chunk) < 0.5).astype(np.int64) * chunk
+        want = sum(int(buf[o:o + chunk].view(np.uint64).sum(dtype=np.uint64)) for o in off) % 2**64
+        assert _lib.lib().se_read_chunks(buf.ctypes.data, off.ctypes.data, off.size, chunk) == want

@@ -47,6 +47,8 @@ class Stats(C.Structure):
 
 
 _LIB = None
+# barrier spin before sleeping, in libgomp's units (see lib()); "passive" is OMP_WAIT_POLICY=PASSIVE
+SPINCOUNT = "300"
 
 
 def library_path() -> Path:
@@ -65,17 +67,23 @@ def lib() -> C.CDLL:
     global _LIB
     if _LIB is None:
         path = str(library_path())
-        # libgomp reads its wait policy once, when it loads. Its default spins at barriers; on a CPU
-        # shared with other jobs a spinning thread burns the slice its descheduled peer needs (2
-        # threads: 3 tok/s spinning vs 40 passive, measured here). Passive unless the user chose.
+        # libgomp reads its wait policy once, when it loads. A decoder step crosses about 180
+        # barriers (6 per layer); how a thread waits at them decides the speed:
+        #   - libgomp's default spins for a long time: on a CPU shared with other jobs a spinning
+        #     thread burns the slice its descheduled peer needs (2 threads: 3 tok/s vs 40 passive);
+        #   - passive (sleep at once) pays a futex wake-up, from an idle core, at every barrier:
+        #     SmolLM2-135M Q4_0 on 2 idle cores decodes at 143 tok/s passive, 286 with a short spin;
+        #   - a short spin (GOMP_SPINCOUNT=300) then sleep: 286 tok/s idle, and 140 against 165
+        #     passive with another process pegging one of the two cores.
+        # So a short spin unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
         chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
         if not chosen:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
         try:
             L = C.CDLL(path)
         finally:
             if not chosen:
-                del os.environ["OMP_WAIT_POLICY"]
+                del os.environ["GOMP_SPINCOUNT"]
         vp, i32, f32 = C.c_void_p, C.c_int, C.c_float
         L.se_set_level.argtypes, L.se_set_level.restype = [i32], i32
         L.se_level.argtypes, L.se_level.restype = [], i32
@@ -90,6 +98,7 @@ def lib() -> C.CDLL:
         L.se_rope.argtypes, L.se_rope.restype = [vp, i32, i32, i32, vp, f32, f32, i32], None
         L.se_act.argtypes, L.se_act.restype = [vp, i32, i32], None
         L.se_dequant_row.argtypes, L.se_dequant_row.restype = [C.POINTER(Mat), i32, vp], None
+        L.se_read_chunks.argtypes, L.se_read_chunks.restype = [vp, vp, C.c_int64, C.c_int64], C.c_uint64
         L.se_attend.argtypes, L.se_attend.restype = [vp, vp, vp, vp, i32, i32, f32, vp, vp], i32
         _LIB = L
     return _LIB

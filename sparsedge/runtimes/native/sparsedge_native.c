@@ -1687,6 +1687,25 @@ SE_API void se_act(float *x, int n, int act) {
 
 SE_API void se_dequant_row(const se_mat *W, int r, float *y) { dequant_row(W, r, y); }
 
+/* Memory probe (benchmarks/skip_bandwidth.py): read n chunks of `chunk` bytes (a multiple of 8) at
+ * buf + off[i], i ascending, one front-to-back pass per chunk, and return a sum of what was read
+ * (so no read is optimised away). Reading every chunk of a buffer in order is one sequential
+ * stream: the dense kernels' access pattern; a random subset, the channel-skipping kernels'. */
+SE_API uint64_t se_read_chunks(const uint8_t *buf, const int64_t *off, int64_t n, int64_t chunk) {
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *p = buf + off[i];
+        int64_t o = 0;
+        for (; o + 32 <= chunk; o += 32) {
+            uint64_t a, b, c, d;
+            memcpy(&a, p + o, 8); memcpy(&b, p + o + 8, 8); memcpy(&c, p + o + 16, 8); memcpy(&d, p + o + 24, 8);
+            s0 += a; s1 += b; s2 += c; s3 += d;
+        }
+        for (; o + 8 <= chunk; o += 8) { uint64_t a; memcpy(&a, p + o, 8); s0 += a; }
+    }
+    return s0 + s1 + s2 + s3;
+}
+
 /* one query's attention over n entries (the forward's kernels): p = softmax(scale q.K[j]) over
  * the entries with vis[j] != 0 (gathered into a list, as the forward does), out = sum_j p[j] V[j].
  * scratch: n floats. Returns 0, or 1 when out of memory. */
