@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gguf", type=Path)
     ap.add_argument("--recipe", action="append", default=[], help="recipe.json (repeatable); 'file' = the GGUF's own")
+    ap.add_argument("--skip", default="always,never", help="how each recipe runs (comma list of the native "
+                    "runtime's skip modes: always = skipping kernels, never = dense kernels on thresholded inputs, auto)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--ks", default="1,2,4,8,16")
@@ -250,9 +252,10 @@ def main(argv=None) -> int:
 
     runtimes: list[tuple[str, object]] = [("native dense", NativeRuntime(args.gguf, threads=args.threads, recipe=False))]
     for r in args.recipe:
-        rt = NativeRuntime(args.gguf, threads=args.threads, recipe=None if r == "file" else r, stats=True)
-        label = f"native {rt.recipe.method if rt.recipe else 'dense'} {Path(r).stem}"
-        runtimes.append((label, rt))
+        for skip in args.skip.split(","):
+            rt = NativeRuntime(args.gguf, threads=args.threads, recipe=None if r == "file" else r, stats=True,
+                               skip=skip)
+            runtimes.append((f"native {rt.recipe.method if rt.recipe else 'dense'} {Path(r).stem} skip={skip}", rt))
     if not args.no_llamacpp:
         try:
             from sparsedge.runtimes.llamacpp import LlamaCppRuntime

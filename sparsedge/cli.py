@@ -363,6 +363,10 @@ def _runtime_opts(a: argparse.Namespace) -> dict:
         if a.runtime != "npu":
             raise SparsedgeError("--provider applies to --runtime npu")
         opts["provider"] = a.provider
+    if getattr(a, "skip", None):
+        if a.runtime != "native":
+            raise SparsedgeError("--skip applies to --runtime native")
+        opts["skip"] = a.skip
     return opts
 
 
@@ -405,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quant", help="which file of an artifact to run (e.g. q4_0, f32, int4, fp32); "
                         "default: the fastest for the runtime")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        sp.add_argument("--skip", choices=("auto", "always", "never"), help="--runtime native with a sparsity "
+                        "recipe: lay the sparse weights out to skip inactive channels (always), keep the dense "
+                        "kernels on the thresholded inputs (never: the same function, faster below very high "
+                        "sparsity on the CPUs measured), or skip from 85%% target sparsity up (auto, the default)")
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = sub.add_parser("run", help="generate text", description="Generate text from a prompt, "

@@ -568,8 +568,11 @@ RECIPES = {
 }
 
 
+@pytest.mark.parametrize("skip", ["always", "never"])
 @pytest.mark.parametrize("method", sorted(RECIPES))
-def test_recipe_logits_equal_torch_with_recipe(tmp_path, llama_f32, method):
+def test_recipe_logits_equal_torch_with_recipe(tmp_path, llama_f32, method, skip):
+    """Both ways of running a recipe compute its function: skipping the inactive work, or the dense
+    kernels on the thresholded inputs."""
     from sparsedge.sparsify.apply import apply
 
     _, spec, held = llama_f32
@@ -579,8 +582,9 @@ def test_recipe_logits_equal_torch_with_recipe(tmp_path, llama_f32, method):
     write_gguf(p, spec, {k: v.clone() for k, v in held.items()}, recipe=recipe)
     ref = torch_rt(spec, held)
     state = apply(ref, recipe, weights_permuted=True)
-    rt = NativeRuntime(p, threads=2, stats=True)  # the recipe comes from the file's metadata
+    rt = NativeRuntime(p, threads=2, stats=True, skip=skip)  # the recipe comes from the file's metadata
     assert rt.recipe is not None and set(rt.recipe.sites) == set(sites)
+    assert (rt.model.weights["layers.0.down"].layout == _lib.COL) == (skip == "always")
     prompt = [5, 17, 99, 3, 200, 41, 7]
     np.testing.assert_allclose(rt.forward(prompt), ref.forward(prompt), atol=1e-3)
     parents, mask, depth = _tree()
@@ -612,9 +616,10 @@ def _int8_inputs(ref) -> None:
         hooks[site] = (lambda layer, x, h=h: fake(x if h is None else h(layer, x)))
 
 
+@pytest.mark.parametrize("skip", ["always", "never"])
 @pytest.mark.parametrize("method", ["teal", "cats"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype, method):
+def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype, method, skip):
     """teal: channel-major weights at every site; cats: an R8 gate (where the CPU prefers it) feeding
     a row-major up that skips each token's zeroed rows. For teal the reference quantizes every
     linear input the way the quantized kernels do (int8 per block of 32; the channel-major kernels
@@ -632,8 +637,8 @@ def test_quantized_recipe_close_to_torch(tmp_path, llama_f32, qtype, method):
     apply(ref, recipe, weights_permuted=True)
     if method == "teal":
         _int8_inputs(ref)
-    rt = NativeRuntime(p, threads=2, recipe=recipe)
-    if method == "cats":
+    rt = NativeRuntime(p, threads=2, recipe=recipe, skip=skip)
+    if method == "cats" and skip == "always":
         assert rt.model.weights["layers.0.up"].layout == _lib.ROW
     toks = [5, 17, 99, 3, 200, 41, 7, 8]
     a, b = rt.forward(toks), ref.forward(toks)
@@ -708,7 +713,7 @@ def test_k_token_steps_equal_one_token_steps_exactly(wide_models, level, qtype, 
     ids = [int(t) for t in rng.integers(3, spec.vocab_size, 21 + 17)]
     prompt, new = ids[:21], ids[21:]  # 22..38 visible entries: every SIMD tail of the softmax
     for threads in (1, 2):
-        rt = NativeRuntime(p, threads=threads, recipe=recipes[recipe])
+        rt = NativeRuntime(p, threads=threads, recipe=recipes[recipe], skip="always")
         if qtype != "F32" and _lib.prefers_r8() and recipe is None:
             assert rt.model.weights["layers.0.gate"].layout == _lib.R8
         if recipe == "teal":
@@ -834,3 +839,34 @@ def test_read_chunks_probe_reads_what_it_is_given():
         off = np.flatnonzero(rng.random(buf.size // chunk) < 0.5).astype(np.int64) * chunk
         want = sum(int(buf[o:o + chunk].view(np.uint64).sum(dtype=np.uint64)) for o in off) % 2**64
         assert _lib.lib().se_read_chunks(buf.ctypes.data, off.ctypes.data, off.size, chunk) == want
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_skipping_changes_nothing_but_the_work(tmp_path, level, qtype):
+    """A recipe run with its work skipped (channel-major integer kernels) and with the dense kernels
+    on the thresholded inputs: bit-identical logits, steps and trees alike (the skipping kernels
+    compute each (row, block)'s integer sum and float step as the R8 ones do). "auto" keeps the
+    dense layouts below SKIP_MIN_SPARSITY and skips from there on."""
+    from sparsedge.runtimes.native.loader import SKIP_MIN_SPARSITY
+
+    spec, w = tiny_llama()
+    p = tmp_path / "q.gguf"
+    held = write_gguf(p, spec, w, qtype)
+    recipe = _recipe(spec, held, "teal", RECIPES["teal"][0], ())
+    runs = {}
+    for skip in ("always", "never", "auto"):
+        rt = NativeRuntime(p, threads=2, recipe=recipe, skip=skip)
+        toks = [5, 17, 99, 3, 200, 41, 7, 8]
+        parents, mask, depth = _tree()
+        runs[skip] = (rt.forward(toks), rt.forward(toks, rt.n_past + depth, mask),
+                      rt.model.weights["layers.0.gate"].layout)
+    assert runs["always"][2] == _lib.COL and runs["never"][2] != _lib.COL
+    assert runs["auto"][2] == (_lib.COL if recipe.target_sparsity >= SKIP_MIN_SPARSITY else runs["never"][2])
+    for a, b in zip(runs["always"][:2], runs["never"][:2]):
+        np.testing.assert_array_equal(a, b)
+    import dataclasses
+
+    high = dataclasses.replace(recipe, target_sparsity=0.9)
+    assert NativeRuntime(p, threads=2, recipe=high).model.weights["layers.0.gate"].layout == _lib.COL
+    with pytest.raises(SparsedgeError, match="skip mode"):
+        NativeRuntime(p, threads=2, recipe=recipe, skip="sometimes")

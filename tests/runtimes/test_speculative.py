@@ -287,6 +287,7 @@ def test_cli_run_spec_json(tiny_art, capsys):
     (["--decode", "spec"], "needs --drafter"),
     (["--drafter", "ngram"], "--drafter needs --decode spec or tree"),
     (["--decode", "spec", "--drafter", "sparse"], "needs a recipe"),
+    (["--skip", "always"], "--skip applies to --runtime native"),
 ])
 def test_cli_bad_decoding_arguments(tiny_art, capsys, argv, msg):
     from sparsedge.cli import main
@@ -297,6 +298,25 @@ def test_cli_bad_decoding_arguments(tiny_art, capsys, argv, msg):
     except SystemExit as e:  # argparse's own checks
         code = e.code
     assert code != 0 and msg in capsys.readouterr().err
+
+
+def test_cli_native_skip_modes_give_one_output(tiny_art, tmp_path, capsys):
+    """--skip picks how native runs an artifact's recipe (skipped work or dense kernels on the
+    thresholded inputs): every mode generates the same tokens."""
+    from sparsedge.cli import main
+    from sparsedge.export.artifact import ExportConfig, export
+    from sparsedge.sparsify.recipe import SparsityRecipe
+
+    d = tiny_art["dir"]
+    art = tmp_path / "sparse"
+    export(load(str(d / "hf"), progress=False), art, ExportConfig(formats=("gguf",), gguf_quants=("q8_0",)),
+           recipe=SparsityRecipe.load(d / "r70.json"), progress=False)
+    outs = {}
+    for mode in ("auto", "always", "never"):
+        assert main(["run", str(art), "--runtime", "native", "--skip", mode, "-p", "def f(x):", "-n", "12",
+                     "--json"]) == 0
+        outs[mode] = json.loads(capsys.readouterr().out)["tokens"]
+    assert outs["auto"] == outs["always"] == outs["never"] and len(outs["auto"]) == 12
 
 
 def test_model_drafter_needs_the_same_tokenizer(tiny_art, tmp_path):

@@ -52,6 +52,17 @@ LAYER_TENSORS = {
 # the norm in front of the FFN: FFN_NORM (Llama) and FFN_PRE_NORM (Gemma 3) are both "ffn_norm"
 FFN_NORM = "ffn_norm"
 
+# Whether a recipe's sparse sites get the skipping layouts (COL: channel-major; ROW up: rows skipped
+# behind a gate threshold) or the dense ones (R8, where the CPU has those kernels) computing the
+# same function on the thresholded input. Skipping saves compute, but a token's active channels
+# are scattered slices of a few hundred bytes, and the CPUs measured so far serve such reads far
+# slower than one sequential stream (benchmarks/skip_bandwidth.py: a random half of 144-768 B
+# chunks takes 2-2.4x as long as all of them), so below very high sparsity the dense kernels are
+# faster (SmolLM2-135M Q4_0, TEAL on every linear input: skipping ran at 0.34x / 0.41x / 0.54x of
+# dense at 25 / 50 / 70%). "auto" skips where the recipe's target sparsity reaches SKIP_MIN_SPARSITY.
+SKIP_MODES = ("auto", "always", "never")
+SKIP_MIN_SPARSITY = 0.85
+
 # which recipe sites make a weight's input sparse (the weight then runs channel-major)
 COL_SITES = {
     "q": ("qkv_in", "q_in"), "k": ("qkv_in",), "v": ("qkv_in",), "o": ("o_in",),
@@ -300,9 +311,14 @@ class NativeModel:
         return {"weights_copied": copied, "weights_mapped": mapped, "thresholds": th, "total": copied + mapped + th}
 
     @classmethod
-    def load(cls, path: str | Path, recipe: Any = None, r8: bool | None = None) -> "NativeModel":
+    def load(cls, path: str | Path, recipe: Any = None, r8: bool | None = None, skip: str = "auto") -> "NativeModel":
         """recipe: None = the file's own (``sparsedge.recipe``), False = dense, or a SparsityRecipe / path.
-        r8: lay quantized row-major weights out R8 (None: where this CPU has the SIMD kernels)."""
+        r8: lay quantized row-major weights out R8 (None: where this CPU has the SIMD kernels).
+        skip: "always" lays the recipe's sparse weights out for skipping, "never" keeps them dense
+        (the recipe's thresholds still apply: the same function), "auto" skips when the recipe's
+        target sparsity is at least SKIP_MIN_SPARSITY (see there why)."""
+        if skip not in SKIP_MODES:
+            raise SparsedgeError(f"unknown skip mode {skip!r} (known: {', '.join(SKIP_MODES)})")
         path = Path(path).expanduser()
         if not path.is_file():
             raise SparsedgeError(f"no such GGUF file: {path}")
@@ -347,7 +363,8 @@ class NativeModel:
         H, F, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
         QD, KD = spec.n_heads * hd, spec.n_kv_heads * hd
         shapes = {"q": (QD, H), "k": (KD, H), "v": (KD, H), "o": (H, QD), "gate": (F, H), "up": (F, H), "down": (H, F)}
-        col_sites = set(rec.sites) if rec is not None else set()
+        skipping = rec is not None and (skip == "always" or (skip == "auto" and rec.target_sparsity >= SKIP_MIN_SPARSITY))
+        col_sites = set(rec.sites) if skipping else set()
         if r8 is None:
             r8 = _lib.prefers_r8()
         weights: dict[str, Weight] = {}

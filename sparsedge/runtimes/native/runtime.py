@@ -2,6 +2,7 @@
 
     rt = NativeRuntime("model.q4_0.gguf", threads=2)            # the file's recipe, if it has one
     rt = NativeRuntime("model.q4_0.gguf", recipe=False)          # dense
+    rt = NativeRuntime("model.q4_0.gguf", skip="always")         # recipe's work skipped (loader.SKIP_MODES)
     logits = rt.forward(tokens, positions, tree_mask)            # [k, vocab] float32
 
 The KV cache lives in numpy arrays owned here ([layers, kv_heads, capacity, head_dim], float32,
@@ -27,9 +28,9 @@ class NativeRuntime:
     name = "native"
 
     def __init__(self, gguf_path: str | Path, threads: int | None = None, recipe: Any = None,
-                 n_ctx: int = 512, stats: bool = False, r8: bool | None = None):
+                 n_ctx: int = 512, stats: bool = False, r8: bool | None = None, skip: str = "auto"):
         self.lib = _lib.lib()
-        self.model = NativeModel.load(gguf_path, recipe=recipe, r8=r8)
+        self.model = NativeModel.load(gguf_path, recipe=recipe, r8=r8, skip=skip)
         self.spec = self.model.spec
         self.threads = int(threads) if threads else max(1, os.cpu_count() or 1)
         if self.threads < 1:
