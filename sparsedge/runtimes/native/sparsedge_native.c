@@ -145,7 +145,7 @@ typedef struct {
                    int32_t xsum8, float *y);
     /* COL Q8_0 (int8 per row), the same for n rows (any n; SIMD passes of 32): y[r] += (d[r] * xd) *
      * (sum_j q_j[r] xa[j]); bit-identical to r8_q8 on the block */
-    void (*col_q8)(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd, float *y);
+    void (*col_q8)(const uint8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd, float *y);
     /* k-token products, one R8 group (8 rows) against k quantized tokens (token t at xq + t*cols,
      * scales xd + t*nb, Q4_0: xsum + t*nb = 8 * each block's int8 sum): y[t*ystride + i] = row
      * 8g+i . x[t], i < 8 */
@@ -242,11 +242,11 @@ static void col_q4_scalar(const uint8_t *const *cp, const int8_t *xa, int na, in
         }
 }
 
-static void col_q8_scalar(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
+static void col_q8_scalar(const uint8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
                           float *y) {
     for (int r = 0; r < n; r++) {
         int32_t sum = 0;
-        for (int a = 0; a < na; a++) sum += (int32_t)cp[a][r] * xa[a];
+        for (int a = 0; a < na; a++) sum += (int32_t)((const int8_t *)cp[a])[r] * xa[a];
         y[r] += d[r] * xd * (float)sum;
     }
 }
@@ -492,7 +492,7 @@ AVX2 static void col_q4_avx2(const uint8_t *const *cp, const int8_t *xa, int na,
  * i of quad vector v is row {4v..4v+3, 16+4v..16+4v+3}[i] (unpack works within 128-bit lanes), and
  * the scales and outputs are read in that order. maddubs(|w|, sign(x, w)) + madd to int32 per row,
  * as r8_q8 does; a pass sums 4 products of at most 127 * 127. Rows past the last 32 one by one. */
-AVX2 static void col_q8_avx2(const int8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
+AVX2 static void col_q8_avx2(const uint8_t *const *cp, const int8_t *xa, int na, int n, const float *d, float xd,
                              float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int nq = na / 4, n32 = n / 32 * 32;
@@ -500,7 +500,7 @@ AVX2 static void col_q8_avx2(const int8_t *const *cp, const int8_t *xa, int na, 
     for (int r = 0; r < n32; r += 32) {
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int j = 0; j < nq; j++) {
-            const int8_t *const *p = cp + 4 * j;
+            const uint8_t *const *p = cp + 4 * j;
             const __m256i xv = _mm256_set1_epi32(ld_i32(xa + 4 * j));
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(p[0] + r)), v1 = _mm256_loadu_si256((const __m256i *)(p[1] + r));
             __m256i v2 = _mm256_loadu_si256((const __m256i *)(p[2] + r)), v3 = _mm256_loadu_si256((const __m256i *)(p[3] + r));
@@ -524,7 +524,7 @@ AVX2 static void col_q8_avx2(const int8_t *const *cp, const int8_t *xa, int na, 
     }
     for (int r = n32; r < n; r++) { /* the same fma per row as the SIMD rows (and r8_q8) */
         int32_t sum = 0;
-        for (int j = 0; j < na; j++) sum += (int32_t)cp[j][r] * xa[j];
+        for (int j = 0; j < na; j++) sum += (int32_t)((const int8_t *)cp[j])[r] * xa[j];
         y[r] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(d[r] * xd), _mm_set_ss((float)sum), _mm_set_ss(y[r])));
     }
 }
@@ -1031,32 +1031,27 @@ static void mm_col(const se_mat *W, int k, const float *X, const se_qact *qa, fl
                         if (x[c] != 0.f) K.axpy_f32(y, (const float *)W->q + (size_t)c * rows + r0, x[c], n);
                     continue;
                 }
-                if (W->type == SE_Q4_0) {
-                    /* rows % 32 == 0 (to_col keeps other shapes as Q8_0), cols % 32 == 0 */
-                    const int8_t *xq = qa->q + (size_t)t * cols + cb;
-                    const uint8_t *cp[QK];
-                    int8_t xa[QK];
-                    int na = 0;
-                    for (int c = 0; c < QK; c++)
-                        if (xq[c]) { cp[na] = (const uint8_t *)W->q + ((size_t)(cb + c) * rows + r0) / 2; xa[na++] = xq[c]; }
-                    prefetch_next_cols(W, x, cb, cols, rows, r0, n);
-                    if (!na) continue;
-                    for (; na % 4; na++) { cp[na] = cp[0]; xa[na] = 0; } /* pad: zero activations add nothing */
-                    const size_t b = (size_t)t * (cols / QK) + cb / QK;
-                    K.col_q4(cp, xa, na, n / QK, W->d + (size_t)(cb / QK) * rows + r0, qa->d[b], qa->sum[b], y);
-                    continue;
-                }
-                /* Q8_0 */
+                /* quantized: the block's active channels (nonzero int8 activations) and their
+                 * slices of this thread's rows, padded to passes of 4 with zero activations */
+                const size_t b = (size_t)t * (cols / QK) + cb / QK;
                 const int8_t *xq = qa->q + (size_t)t * cols + cb;
-                const int8_t *cp[QK];
+                const uint8_t *cp[QK]; /* byte pointers for both types (col_q8 reads int8) */
                 int8_t xa[QK];
                 int na = 0;
-                for (int c = 0; c < ce - cb; c++)
-                    if (xq[c]) { cp[na] = (const int8_t *)W->q + (size_t)(cb + c) * rows + r0; xa[na++] = xq[c]; }
+                for (int c = 0; c < QK; c++)
+                    if (xq[c]) {
+                        const size_t e = (size_t)(cb + c) * rows + r0; /* first value of the slice */
+                        cp[na] = (const uint8_t *)W->q + (W->type == SE_Q4_0 ? e / 2 : e);
+                        xa[na++] = xq[c];
+                    }
                 prefetch_next_cols(W, x, cb, cols, rows, r0, n);
                 if (!na) continue;
                 for (; na % 4; na++) { cp[na] = cp[0]; xa[na] = 0; }
-                K.col_q8(cp, xa, na, n, W->d + (size_t)(cb / QK) * rows + r0, qa->d[(size_t)t * (cols / QK) + cb / QK], y);
+                const float *d = W->d + (size_t)(cb / QK) * rows + r0;
+                if (W->type == SE_Q4_0) /* rows % 32 == 0: to_col keeps other shapes as Q8_0 */
+                    K.col_q4(cp, xa, na, n / QK, d, qa->d[b], qa->sum[b], y);
+                else
+                    K.col_q8(cp, xa, na, n, d, qa->d[b], y);
             }
         }
     }
