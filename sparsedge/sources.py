@@ -371,18 +371,43 @@ def artifact_file(folder: Path, manifest: dict, fmt: str, quant: str | None = No
     raise SparsedgeError(f"artifact {folder} has no {fmt} file (formats exported: gguf {have})")
 
 
+# tokenizer classes whose whole behaviour is tokenizer.json + tokenizer_config.json; loading them
+# through PreTrainedTokenizerFast avoids transformers' AutoTokenizer, whose import pulls in torch
+# (~200 MB of RSS and a second of start-up) that the artifact runtimes never use
+PLAIN_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast"})
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in a folder: PreTrainedTokenizerFast for PLAIN_TOKENIZERS, else
+    AutoTokenizer (which picks the model family's class)."""
+    folder = Path(folder)
+    cfg = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.json").is_file() and cfg.is_file():
+        try:
+            cls = json.loads(cfg.read_text()).get("tokenizer_class")
+        except (OSError, ValueError) as e:
+            raise SparsedgeError(f"cannot read {cfg}: {e}") from e
+        if cls in PLAIN_TOKENIZERS:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def load(model: str = DEFAULT_MODEL, progress: bool = True) -> LoadedModel:
     """Resolve a model argument and read its config and tokenizer (weights load on demand).
     An artifact folder (with manifest.json) loads its spec, tokenizer and manifest."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from .export.artifact import is_artifact, read_manifest
 
     if is_artifact(model):
         m = read_manifest(model)
         folder = Path(model).expanduser()
         return LoadedModel(name=model, kind="artifact", path=folder, spec=ModelSpec.from_dict(m["spec"]),
-                           tokenizer=AutoTokenizer.from_pretrained(str(folder)), manifest=m)
+                           tokenizer=load_tokenizer(folder), manifest=m)
+    from transformers import AutoConfig, AutoTokenizer
+
     kind, path = resolve(model, progress)
     try:
         config = AutoConfig.from_pretrained(str(path))

@@ -105,3 +105,38 @@ def test_user_gguf_file_is_converted_once(real_model, tmp_path, monkeypatch):
     m = load(str(gguf), progress=False)
     assert m.kind == "gguf" and m.spec == real_model.spec
     assert (tmp_path / "converted" / b.sha256[:16] / "hf" / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+def test_artifact_tokenizer_without_torch(tmp_path, arch_name):
+    """An artifact's tokenizer loads without importing torch (the artifact runtimes never need
+    it) where its class is plain tokenizer.json, and behaves as AutoTokenizer's in every case:
+    ids, chat template, special ids, decoding."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from sparsedge.export.artifact import ExportConfig, export
+
+    art = tmp_path / "art"
+    export(load(str(save_folder(arch_name, tmp_path / "hf"))), art, ExportConfig(formats=("gguf",), gguf_quants=("f32",)),
+           progress=False)
+    ours, ref = sources.load_tokenizer(art), AutoTokenizer.from_pretrained(str(art))
+    text = "def f(x):\n    return x + 1  # héllo"
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    assert ours.get_vocab() == ref.get_vocab() and ours.eos_token_id == ref.eos_token_id
+    if ref.chat_template:
+        msg = [{"role": "user", "content": "Hi"}]
+        assert ours.apply_chat_template(msg, add_generation_prompt=True, tokenize=False) == \
+            ref.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
+    ids = ref(text)["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    cls = json.loads((art / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if cls in sources.PLAIN_TOKENIZERS:
+        code = ("import sys; from sparsedge import load, open_runtime; m = load(sys.argv[1]); "
+                "rt = open_runtime(m, 'native', threads=1); rt.forward(m.tokenizer('ab')['input_ids']); "
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "False"
