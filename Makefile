@@ -18,7 +18,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[torch,llamacpp]"
+	$(BIN)/python -m pip install -q -e ".[torch,llamacpp,peers]"
 
 install-dev: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
