@@ -420,3 +420,24 @@ def test_real_model_lossless_greedy_on_the_suite(real_art, runtime, drafter):
     getattr(rt, "close", lambda: None)()
     if runtime != "llamacpp":  # llama.cpp's cost curve (t(2) ~ 1.7 t(1)) rightly makes it verify no drafts
         assert st.accepted > 100
+
+
+@pytest.mark.parametrize("vocab", [8, 200, 1000, 49152])
+def test_recycle_top_k_equals_a_full_sort(vocab):
+    """The recycle drafter's top-k (bounded by chunk maxima) against sorting every logit: random
+    rows, a row whose top entries tie, a row whose top k sit in one chunk, and a constant row."""
+    from sparsedge.runtimes.decoding.drafters.recycle import top_k
+
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((5, vocab)).astype(np.float32)
+    x[1, [3, 5]] = x[1].max() + 1  # tied at the top: index order
+    x[2, : min(8, vocab)] += 10  # the whole top k inside the first chunk
+    x[3] = 0.5
+    k = min(8, vocab)
+    got = top_k(x, k)
+    for row, g in zip(x, got):
+        want = sorted(range(vocab), key=lambda i: (-row[i], i))[:k]
+        if row.min() == row.max():  # all equal: any k indices, but distinct and valid
+            assert len(set(g.tolist())) == k and g.max() < vocab
+        else:
+            assert g.tolist() == want

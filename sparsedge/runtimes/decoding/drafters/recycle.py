@@ -19,11 +19,35 @@ from ..tree import Draft, template
 from . import Drafter, DraftRequest, Rates, Target, register
 
 
+# values per chunk when top_k bounds its search by chunk maxima
+TOPK_CHUNK = 128
+
+
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest logits per row, best first: [rows, vocab] -> [rows, k]."""
-    part = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, axis=-1)
+    """Indices of the k largest logits per row, best first (equal logits in index order): [rows,
+    vocab] -> [rows, k].
+
+    A full argpartition over a 49,152-entry vocabulary costs ~0.4 ms a row, a third of a native
+    decoding step when every verified row is observed. Instead: the k-th largest of the rows'
+    chunk maxima ([vocab / 128] of them) is at most the k-th largest logit (k chunks hold a value
+    at least that large), so the top k are among the few entries at or above it."""
+    logits = np.asarray(logits)
+    rows, n = logits.shape
+    out = np.empty((rows, k), dtype=np.int64)
+    full = n // TOPK_CHUNK * TOPK_CHUNK
+    for r in range(rows):
+        x = logits[r]
+        if full // TOPK_CHUNK > k:
+            bound = np.partition(x[:full].reshape(-1, TOPK_CHUNK).max(axis=1), -k)[-k]
+            cand = np.flatnonzero(x >= bound)  # ascending: ties keep the lower index first
+        else:
+            cand = np.arange(n)
+        v = x[cand]
+        if cand.size > k:
+            keep = np.sort(np.argpartition(-v, k - 1)[:k])
+            cand, v = cand[keep], v[keep]
+        out[r] = cand[np.argsort(-v, kind="stable")]
+    return out
 
 
 class RecycleDrafter(Drafter):
