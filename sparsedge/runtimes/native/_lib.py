@@ -47,7 +47,7 @@ class Stats(C.Structure):
 
 
 _LIB = None
-# barrier spin before sleeping, in libgomp's units (see lib()); "passive" is OMP_WAIT_POLICY=PASSIVE
+# how long a thread spins at a barrier before sleeping, in libgomp's units (see lib())
 SPINCOUNT = "300"
 
 
