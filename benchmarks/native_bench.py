@@ -251,8 +251,14 @@ def main(argv=None) -> int:
     prompt = list(tok(PROMPT, add_special_tokens=False)["input_ids"]) if tok else list(range(1, 21))
 
     runtimes: list[tuple[str, object]] = [("native dense", NativeRuntime(args.gguf, threads=args.threads, recipe=False))]
+    from sparsedge.runtimes.native.loader import SKIP_MODES
+
+    skips = [m.strip() for m in args.skip.split(",") if m.strip()]
+    if not skips or set(skips) - set(SKIP_MODES):
+        print(f"native_bench: --skip takes a comma list of {', '.join(SKIP_MODES)}, got {args.skip!r}", file=sys.stderr)
+        return 2
     for r in args.recipe:
-        for skip in args.skip.split(","):
+        for skip in skips:
             rt = NativeRuntime(args.gguf, threads=args.threads, recipe=None if r == "file" else r, stats=True,
                                skip=skip)
             runtimes.append((f"native {rt.recipe.method if rt.recipe else 'dense'} {Path(r).stem} skip={skip}", rt))
