@@ -117,7 +117,8 @@ def _providers(importable: Callable[[str], bool]) -> tuple[list[str], dict[str, 
 
 
 def _native_path(importable: Callable[[str], bool]) -> str | None:
-    """The native engine's SIMD path ("avx2+fma", "neon", "scalar"), or None when it is not built."""
+    """The native engine's SIMD path ("avx2+fma+avx512vnni", "avx2+fma", "neon", "scalar"), or None when it
+    is not built."""
     if not importable(RUNTIME_MODULES["native"]):
         return None
     from ..errors import SparsedgeError

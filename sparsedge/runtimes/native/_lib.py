@@ -17,7 +17,7 @@ from ...errors import SparsedgeError
 SITES = ("qkv_in", "q_in", "o_in", "ffn_in", "gate_act", "down_in")  # C enum order
 TYPES = {"F32": 0, "Q8_0": 1, "Q4_0": 2}
 ROW, COL, R8 = 0, 1, 2
-LEVELS = {0: "scalar", 1: "avx2+fma", 2: "neon"}
+LEVELS = {0: "scalar", 1: "avx2+fma", 2: "neon", 3: "avx2+fma+avx512vnni"}
 
 
 class Mat(C.Structure):

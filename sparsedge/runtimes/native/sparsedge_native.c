@@ -168,7 +168,7 @@ typedef struct {
 } se_kernels;
 
 static se_kernels K;
-static int K_level = -1; /* 0 scalar, 1 avx2+fma, 2 neon */
+static int K_level = -1; /* 0 scalar, 1 avx2+fma, 2 neon, 3 avx2+fma with AVX512-VNNI products */
 
 /* ---- scalar ---- */
 
@@ -529,6 +529,20 @@ AVX2 static void col_q8_avx2(const uint8_t *const *cp, const int8_t *xa, int na,
     }
 }
 
+/* k tokens in passes of 4, then one pass of the 1..3 left: T is a constant in each call, so the
+ * always-inline tile compiles to one loop per T. The arguments after the tile name are the tile's
+ * leading ones for the pass starting at token t. */
+#define R8_PASSES(tile, ...)                                                                 \
+    do {                                                                                     \
+        int t = 0;                                                                           \
+        for (; t + 4 <= k; t += 4) tile(__VA_ARGS__, 4, y + t * ystride, ystride);           \
+        switch (k - t) {                                                                     \
+        case 3: tile(__VA_ARGS__, 3, y + t * ystride, ystride); break;                       \
+        case 2: tile(__VA_ARGS__, 2, y + t * ystride, ystride); break;                       \
+        case 1: tile(__VA_ARGS__, 1, y + t * ystride, ystride); break;                       \
+        }                                                                                    \
+    } while (0)
+
 /* k-token R8 products. T (1..4) tokens per pass, a compile-time constant after inlining: the
  * unpacked tile (2 registers) meets T tokens, each with an int16 and a float accumulator (8 rows
  * in the 8 lanes), 4 + 2T + 2 <= 14 ymm registers live. */
@@ -573,14 +587,7 @@ AVX2_INLINE void r8_q4_tile_avx2(const uint8_t *wq, const float *wd, int nb, con
 AVX2 static void r8_q4_avx2(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
                             const int32_t *xsum, int k, float *y, size_t ystride) {
     const size_t cols = (size_t)nb * QK;
-    int t = 0;
-    for (; t + 4 <= k; t += 4)
-        r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 4, y + t * ystride, ystride);
-    switch (k - t) {
-    case 3: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 3, y + t * ystride, ystride); break;
-    case 2: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 2, y + t * ystride, ystride); break;
-    case 1: r8_q4_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb, 1, y + t * ystride, ystride); break;
-    }
+    R8_PASSES(r8_q4_tile_avx2, wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb);
 }
 
 AVX2_INLINE void r8_q8_tile_avx2(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
@@ -615,13 +622,86 @@ AVX2_INLINE void r8_q8_tile_avx2(const int8_t *wq, const float *wd, int nb, cons
 AVX2 static void r8_q8_avx2(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
                             float *y, size_t ystride) {
     const size_t cols = (size_t)nb * QK;
-    int t = 0;
-    for (; t + 4 <= k; t += 4) r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 4, y + t * ystride, ystride);
-    switch (k - t) {
-    case 3: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 3, y + t * ystride, ystride); break;
-    case 2: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 2, y + t * ystride, ystride); break;
-    case 1: r8_q8_tile_avx2(wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, 1, y + t * ystride, ystride); break;
+    R8_PASSES(r8_q8_tile_avx2, wq, wd, nb, xq + t * cols, xd + (size_t)t * nb);
+}
+
+/* AVX512-VNNI (on 256-bit vectors, AVX512VL): vpdpbusd sums four u8 x s8 products into each int32
+ * lane in one instruction, where AVX2 needs maddubs (to int16), madd (to int32) and an add. The
+ * integer sums are the same exact integers, and the per-block float operations are those of the
+ * AVX2 tiles, so every result is bit-identical to r8_q4_avx2 / r8_q8_avx2 (tested): only the
+ * k-token products (verification) get faster, where the products are compute-bound. Two int32
+ * accumulators per token (nibble halves / even-odd 4-column groups) keep 2T dependency chains in
+ * flight; EVEX gives 32 ymm registers for them. */
+#define VNNI_INLINE __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"), always_inline)) static inline
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni")))
+
+VNNI_INLINE void r8_q4_tile_vnni(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                                 const int32_t *xsum, const int T, float *y, size_t ystride) {
+    const int cols = nb * QK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tile = wq + (size_t)b * 128;
+        __m256i al[4], ah[4];
+        for (int t = 0; t < T; t++) al[t] = ah[t] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(tile + 32 * v));
+            __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            for (int t = 0; t < T; t++) {
+                const int8_t *xb = xq + (size_t)t * cols + b * QK + 4 * v;
+                al[t] = _mm256_dpbusd_epi32(al[t], lo, _mm256_set1_epi32(ld_i32(xb)));
+                ah[t] = _mm256_dpbusd_epi32(ah[t], hi, _mm256_set1_epi32(ld_i32(xb + 16)));
+            }
+        }
+        const __m256 dv = _mm256_loadu_ps(wd + (size_t)b * 8);
+        for (int t = 0; t < T; t++) {
+            __m256i s32 = _mm256_sub_epi32(_mm256_add_epi32(al[t], ah[t]), _mm256_set1_epi32(xsum[(size_t)t * nb + b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(xd[(size_t)t * nb + b])),
+                                     _mm256_cvtepi32_ps(s32), acc[t]);
+        }
     }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(y + (size_t)t * ystride, acc[t]);
+}
+
+VNNI static void r8_q4_vnni(const uint8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                            const int32_t *xsum, int k, float *y, size_t ystride) {
+    const size_t cols = (size_t)nb * QK;
+    R8_PASSES(r8_q4_tile_vnni, wq, wd, nb, xq + t * cols, xd + (size_t)t * nb, xsum + (size_t)t * nb);
+}
+
+VNNI_INLINE void r8_q8_tile_vnni(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd,
+                                 const int T, float *y, size_t ystride) {
+    const int cols = nb * QK;
+    __m256 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *tile = wq + (size_t)b * 256;
+        __m256i a0[4], a1[4];
+        for (int t = 0; t < T; t++) a0[t] = a1[t] = _mm256_setzero_si256();
+        for (int v = 0; v < 8; v += 2) {
+            /* |w| unsigned, w's sign moved onto x, as in the AVX2 tile */
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(tile + 32 * v));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(tile + 32 * v + 32));
+            __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1);
+            for (int t = 0; t < T; t++) {
+                const int8_t *xb = xq + (size_t)t * cols + b * QK + 4 * v;
+                a0[t] = _mm256_dpbusd_epi32(a0[t], aw0, _mm256_sign_epi8(_mm256_set1_epi32(ld_i32(xb)), w0));
+                a1[t] = _mm256_dpbusd_epi32(a1[t], aw1, _mm256_sign_epi8(_mm256_set1_epi32(ld_i32(xb + 4)), w1));
+            }
+        }
+        const __m256 dv = _mm256_loadu_ps(wd + (size_t)b * 8);
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(xd[(size_t)t * nb + b])),
+                                     _mm256_cvtepi32_ps(_mm256_add_epi32(a0[t], a1[t])), acc[t]);
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(y + (size_t)t * ystride, acc[t]);
+}
+
+VNNI static void r8_q8_vnni(const int8_t *wq, const float *wd, int nb, const int8_t *xq, const float *xd, int k,
+                            float *y, size_t ystride) {
+    const size_t cols = (size_t)nb * QK;
+    R8_PASSES(r8_q8_tile_vnni, wq, wd, nb, xq + t * cols, xd + (size_t)t * nb);
 }
 
 /* one F32 row against 4 tokens per pass: each weight vector loaded once for the 4. Per token the
@@ -873,6 +953,12 @@ SE_API int se_set_level(int level) {
             k.scores = scores_avx2; k.softmax_exp = softmax_exp_avx2; k.wsum = wsum_avx2;
             k.act_vec = act_vec_avx2; k.mul8 = mul8_avx2;
             got = 1;
+            /* level 1 asks for AVX2 alone (the reference the VNNI kernels are tested against) */
+            if (level >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                __builtin_cpu_supports("avx512vnni")) {
+                k.r8_q4 = r8_q4_vnni; k.r8_q8 = r8_q8_vnni;
+                got = 3;
+            }
         }
     }
 #endif
