@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plain greedy (or follows the same distribution when sampling) (default: greedy)"))
     s.add_argument("--drafter", help=(
         "where drafts come from, NAME[:ARG] joined by commas: ngram[:N] (context n-gram lookup), "
-        "recycle[:MATRIX.npy] (Token Recycling), layerskip[:PLAN.json] (the model minus some layers; "
+        "recycle[:MATRIX.npz] (Token Recycling), layerskip[:PLAN.json] (the model minus some layers; "
         "searched and saved in the artifact when no plan is given), sparse:RECIPE.json (the model at a "
         "high sparsity), model:PATH[@RUNTIME] (another model with the same tokenizer)"))
     # runtime and budget default to None: an artifact's target profile fills them (_profile_defaults)

@@ -179,8 +179,47 @@ def test_drafters_learn_acceptance_rates(tiny_art):
     st = SpecStats()
     for p in tiny_art["prompts"][:4]:
         list(speculative_generate(rt, p, GenerationConfig(max_new_tokens=48), dr, SpecConfig(cost=FLAT), st))
-    a, t = dr.rates.acc[(0, 0)]
-    assert t > 10 and 0 < a < t  # the best successor at depth 0: tried often, accepted sometimes
+    first = [v for b, v in dr.rates.acc.items() if b[1] == 0]  # depth-0 buckets (prob bin, depth, pair)
+    a, t = sum(v[0] for v in first), sum(v[1] for v in first)
+    assert t > 10 and 0 < a < t  # successors at depth 0: tried often, accepted sometimes
+
+
+def test_recycle_pairs_probabilities_and_files(tmp_path):
+    """Successors after a token pair win over the token's own row; a node's bucket comes from the
+    target's probability of it among the kept top-k; save / load round-trips both matrices."""
+    from sparsedge.runtimes.decoding.drafters.recycle import PROB_BINS, RecycleDrafter
+    from sparsedge.runtimes.decoding.tree import Node, Verify
+
+    V = 64
+    dr = RecycleDrafter(V, k=8, tree="chain8")
+    lg = np.zeros((2, V), np.float32)
+    lg[0, 7], lg[1, 9] = 12.0, 3.0  # row 0 sure of 7; row 1 unsure of 9
+    # verified rows: root 5 (after context token 4), then node 6 below it
+    v = Verify(np.array([5, 6]), np.array([-1, 0]), np.array([0, 1]), [Node(6, -1, 0.5, src="ngram")])
+    dr.observe(v, lg, [0], 7, [1, 4, 5])
+    assert dr.succ[5, 0] == 7 and dr.succ[6, 0] == 9
+    assert dr.prob[5, 0] > 0.99 and 0.1 < dr.prob[6, 0] < 0.9
+    assert (4, 5) in dr.succ2 and (5, 6) in dr.succ2
+    # the one-token row of 5 is overwritten after another context; the pair (4, 5) still knows 7
+    lg2 = np.zeros((1, V), np.float32)
+    lg2[0, 11] = 12.0
+    dr.observe(Verify(np.array([5]), np.array([-1]), np.array([0]), []), lg2, [0], 11, [2, 3, 5])
+    assert dr.succ[5, 0] == 11
+    req = DraftRequest([1, 4, 5], 8, SamplingConfig(), None)
+    d = dr.propose(req)
+    assert d.nodes[0].token == 7 and d.nodes[0].tag == (PROB_BINS - 1, 0, True)
+    d = dr.propose(DraftRequest([9, 5], 8, SamplingConfig(), None))  # a pair never seen: the row
+    assert d.nodes[0].token == 11 and d.nodes[0].tag[2] is False
+    f = tmp_path / "m.npz"
+    dr.save(f)
+    other = RecycleDrafter(V, k=8, tree="chain8")
+    other.load(f)
+    assert (other.succ == dr.succ).all() and (other.prob == dr.prob).all()
+    np.save(tmp_path / "bare.npy", dr.succ)  # a bare matrix: probabilities unknown
+    other.load(tmp_path / "bare.npy")
+    assert (other.succ == dr.succ).all() and not other.prob.any()
+    with pytest.raises(SparsedgeError, match="shape"):
+        RecycleDrafter(V + 1, k=8, tree="chain8").load(f)
 
 
 def test_long_generation_stays_identical(tiny_art):

@@ -21,6 +21,8 @@ from . import Drafter, DraftRequest, Rates, Target, register
 
 # values per chunk when top_k bounds its search by chunk maxima
 TOPK_CHUNK = 128
+# confidence buckets by the successor's probability among the kept top-k
+PROB_BINS = 10
 
 
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
@@ -53,35 +55,84 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
 class RecycleDrafter(Drafter):
     name = "recycle"
 
-    def __init__(self, vocab_size: int, k: int = 8, tree: str = "tree32", update: str = "all"):
+    def __init__(self, vocab_size: int, k: int = 8, tree: str = "tree32", update: str = "all",
+                 context: int = 2, pairs: int = 1 << 18):
         if update not in ("all", "path"):
             raise SparsedgeError("update must be 'all' or 'path'")
+        if context not in (1, 2):
+            raise SparsedgeError(f"recycle context must be 1 or 2 tokens, got {context}")
         self.paths = template(tree)
         if max(max(p) for p in self.paths) >= k:
             raise SparsedgeError(f"template {tree} needs more than {k} successors per token")
         self.succ = np.full((vocab_size, k), -1, dtype=np.int32)  # [vocab, k] token -> top-k successors
-        self.k, self.update = k, update
+        # [vocab, k] each successor's probability under a softmax over the k logits kept (the
+        # tail left out, so an overestimate, but as sharp as the target was): nodes are bucketed
+        # by it, and the bucket's measured acceptance is the node's confidence
+        self.prob = np.zeros((vocab_size, k), dtype=np.float32)
+        # context=2: the successors seen after a token *pair* (previous token, token), which the
+        # target predicts far more sharply than after the token alone; a pair never verified
+        # falls back to the one-token row. Kept in insertion order and bounded at ``pairs``
+        # entries (oldest dropped), 8 int32 each.
+        self.succ2: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.k, self.update, self.context, self.pairs = k, update, context, pairs
         self.rates = Rates()
+
+    def _successors(self, prev: int, tok: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        if self.context == 2:
+            row = self.succ2.get((prev, tok))
+            if row is not None:
+                return row[0], row[1], True
+        return self.succ[tok], self.prob[tok], False
 
     def propose(self, req: DraftRequest) -> Draft:
         draft = Draft()
         where: dict[tuple[int, ...], int] = {(): -1}
+        prev = req.context[-2] if len(req.context) > 1 else -1
         tok_of: dict[tuple[int, ...], int] = {(): req.context[-1]}
+        rows: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, bool]] = {}
         for p in self.paths:  # parents come first (template() sorts by length)
-            if p[:-1] not in tok_of:
+            par = p[:-1]
+            if par not in tok_of:
                 continue
-            t = int(self.succ[tok_of[p[:-1]], p[-1]])
+            if par not in rows:
+                before = tok_of[par[:-1]] if par else prev
+                rows[par] = self._successors(before, tok_of[par])
+            succ, prob, sharp = rows[par]
+            t = int(succ[p[-1]])
             if t < 0:
                 continue
-            bucket = (min(p[-1], 3), min(len(p) - 1, 3))
-            where[p] = draft.add(where[p[:-1]], t, self.rates.get(bucket), src=self.name, tag=bucket)
+            bucket = (min(int(prob[p[-1]] * PROB_BINS), PROB_BINS - 1), min(len(p) - 1, 3), sharp)
+            where[p] = draft.add(where[par], t, self.rates.get(bucket), src=self.name, tag=bucket)
             tok_of[p] = t
         return draft
+
+    def _store(self, prev: np.ndarray, toks: np.ndarray, logits: np.ndarray) -> None:
+        """The target's logits [n, vocab] after tokens ``toks`` [n], each after ``prev`` [n] (-1:
+        unknown): their top-k successors and those successors' probabilities."""
+        top = top_k(logits, self.k)
+        lt = np.take_along_axis(logits, top, axis=1).astype(np.float64)  # [n, k], best first
+        e = np.exp(lt - lt[:, :1])
+        prob = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        self.succ[toks] = top
+        self.prob[toks] = prob
+        if self.context == 2:
+            d = self.succ2
+            for a, b, row, pr in zip(prev.tolist(), toks.tolist(), top, prob):
+                if a >= 0:
+                    d.pop((a, b), None)  # re-insert: most recent last
+                    d[(a, b)] = (row, pr)
+            while len(d) > self.pairs:
+                del d[next(iter(d))]
 
     def observe(self, v, logits, path, next_token, context) -> None:
         self.rates.update(v, path, self.name)
         rows = np.arange(v.k) if self.update == "all" else np.asarray(path)
-        self.succ[v.tokens[rows]] = top_k(logits[rows], self.k)
+        # each row's previous token: its parent row's token, or for the root the context's
+        # token before it (context[-1] is the root)
+        before = context[-2] if len(context) > 1 else -1
+        par = v.parents[rows]
+        prev = np.where(par >= 0, v.tokens[np.maximum(par, 0)], before)
+        self._store(prev, v.tokens[rows], logits[rows])
 
     def seed(self, runtime, ids: Sequence[int], window: int = 256) -> None:
         """Fill the matrix from one teacher-forced pass of the target over ``ids``."""
@@ -89,17 +140,24 @@ class RecycleDrafter(Drafter):
         for s in range(0, len(ids), window):
             chunk = ids[s : s + window]
             runtime.reset()
-            self.succ[chunk] = top_k(runtime.forward(chunk), self.k)
+            prev = np.concatenate([[ids[s - 1] if s else -1], chunk[:-1]])
+            self._store(prev, chunk, runtime.forward(chunk))
         runtime.reset()
 
     def save(self, path: str | Path) -> None:
-        np.save(Path(path), self.succ)
+        """The one-token matrix and its probabilities, as a .npz (the pair table is not kept: it
+        is specific to the texts seen)."""
+        np.savez(Path(path), succ=self.succ, prob=self.prob)
 
     def load(self, path: str | Path) -> None:
-        m = np.load(Path(path))
-        if m.shape != self.succ.shape:
+        """A matrix from ``save`` (.npz), or a bare successor matrix (.npy: probabilities unknown,
+        so every node starts in the lowest confidence bucket and rates are learned as it runs)."""
+        data = np.load(Path(path))
+        m = data["succ"] if hasattr(data, "files") else data
+        pr = data["prob"] if hasattr(data, "files") and "prob" in data.files else np.zeros(m.shape, np.float32)
+        if m.shape != self.succ.shape or pr.shape != m.shape:
             raise SparsedgeError(f"{path}: adjacency matrix of shape {m.shape}, expected {self.succ.shape}")
-        self.succ = m.astype(np.int32)
+        self.succ, self.prob = m.astype(np.int32), pr.astype(np.float32)
 
 
 @register("recycle")
