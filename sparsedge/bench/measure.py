@@ -8,8 +8,9 @@ pieces benchmarks/spec_bench.py shares.
 Timing protocol (what makes the figures reproduce on a shared machine):
 - a warm-up generation pages the weights in and, for speculative decodes, measures the runtime's
   cost curve t(k)/t(1) once (cached per runtime), outside every timed run;
-- every repeat runs all decoding configurations in turn (interleaved), so a burst of other work
-  hits all of them alike; the report gives the median over repeats (and min / max);
+- every repeat runs all decoding configurations in turn on each prompt (interleaved prompt by
+  prompt), so a burst of other work hits all of them alike; the report gives medians over repeats
+  taken prompt by prompt (``summarize``), and each repeat's min / max;
 - no stop tokens: every prompt decodes exactly ``max_new_tokens``, so runs compare like for like;
 - a speculative configuration gets a fresh drafter per repeat (warm across the prompts of one
   repeat, as in a server): a drafter kept across repeats would find the previous repeat's outputs
@@ -120,6 +121,25 @@ class SuiteRun:
     accepted: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    # per prompt, in prompt order: what summarize() takes medians of, prompt by prompt
+    each_prefill_s: list[float] = field(default_factory=list)
+    each_decode_s: list[float] = field(default_factory=list)
+    each_decoded: list[int] = field(default_factory=list)
+    each_prompt_tokens: list[int] = field(default_factory=list)
+
+    def add(self, st, toks: Sequence[int]) -> None:
+        """One prompt's generation (stats: GenerationStats / SpecStats, and its tokens)."""
+        self.outputs.append(list(toks))
+        self.prompt_tokens += st.prompt_tokens
+        self.prefill_s += st.prefill_s
+        self.decoded += max(st.new_tokens - 1, 0)
+        self.decode_s += st.decode_s
+        for k in ("steps", "drafted", "accepted", "draft_s", "verify_s"):
+            setattr(self, k, getattr(self, k) + getattr(st, k, 0))
+        self.each_prefill_s.append(st.prefill_s)
+        self.each_decode_s.append(st.decode_s)
+        self.each_decoded.append(max(st.new_tokens - 1, 0))
+        self.each_prompt_tokens.append(st.prompt_tokens)
 
     def figures(self) -> dict:
         n = max(len(self.outputs), 1)
@@ -131,6 +151,8 @@ class SuiteRun:
                        mean_accepted=(self.accepted + self.steps) / self.steps,
                        acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
                        nodes_per_step=self.drafted / self.steps, draft_s=self.draft_s, verify_s=self.verify_s)
+        out.update(each_prefill_s=self.each_prefill_s, each_decode_s=self.each_decode_s,
+                   each_decoded=self.each_decoded, each_prompt_tokens=self.each_prompt_tokens)
         return out
 
 
@@ -138,14 +160,7 @@ def run_suite(prompts: Sequence[Sequence[int]], gen: Callable) -> SuiteRun:
     """``gen(prompt) -> (stats, tokens)`` over every prompt (stats: GenerationStats / SpecStats)."""
     run = SuiteRun()
     for p in prompts:
-        st, toks = gen(p)
-        run.outputs.append(list(toks))
-        run.prompt_tokens += st.prompt_tokens
-        run.prefill_s += st.prefill_s
-        run.decoded += max(st.new_tokens - 1, 0)
-        run.decode_s += st.decode_s
-        for k in ("steps", "drafted", "accepted", "draft_s", "verify_s"):
-            setattr(run, k, getattr(run, k) + getattr(st, k, 0))
+        run.add(*gen(p))
     return run
 
 
@@ -188,11 +203,24 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 
 def summarize(reps: list[dict]) -> dict:
-    """Median of each figure over repeats, and the min / max of decode tok/s."""
+    """Median of each figure over repeats, and the min / max of decode tok/s (per repeat).
+
+    Speeds and TTFT are medians prompt by prompt: decode tok/s = all prompts' decoded tokens over
+    the sum of each prompt's median decode time (likewise prefill). Other work on a shared
+    machine comes in bursts shorter than a pass over the suite; a burst slows one prompt of one
+    repeat, which a per-prompt median drops, where it moved that whole repeat's figure (a
+    median of 5 per-repeat figures moved by up to 10% between two runs)."""
     keys = [k for k in reps[0] if isinstance(reps[0][k], (int, float))]
     med = {k: float(np.median([r[k] for r in reps])) for k in keys}
     tps = [r["decode_tok_s"] for r in reps]
     med["decode_tok_s_min"], med["decode_tok_s_max"] = min(tps), max(tps)
+    if all(r.get("each_decode_s") for r in reps):
+        dec = np.median([r["each_decode_s"] for r in reps], axis=0)  # [prompts]
+        pre = np.median([r["each_prefill_s"] for r in reps], axis=0)
+        n_dec, n_pre = sum(reps[0]["each_decoded"]), sum(reps[0]["each_prompt_tokens"])
+        med["decode_tok_s"] = n_dec / float(dec.sum()) if dec.sum() else 0.0
+        med["prefill_tok_s"] = n_pre / float(pre.sum()) if pre.sum() else 0.0
+        med["ttft_ms"] = 1e3 * float(pre.mean())
     return med
 
 
@@ -291,15 +319,21 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
     outs: dict[Decode, list[list[list[int]]]] = {d: [] for d in decodes}
     peaks: dict[Decode, float] = {d: 0.0 for d in decodes}
     for _ in range(job["repeats"]):
+        # prompt by prompt, every configuration in turn: a burst of other work then falls on
+        # all configurations of this prompt alike, and summarize() takes medians per prompt
+        drafters = {d: drafter_for(d) for d in decodes if d.drafter}
+        gens = {d: gen_fn(d, drafters.get(d)) for d in decodes}
+        runs = {d: SuiteRun() for d in decodes}
+        for p in prompts:
+            for d in decodes:
+                reset_peak()
+                runs[d].add(*gens[d](p))
+                peaks[d] = max(peaks[d], peak_rss_mb())
         for d in decodes:
-            dr = drafter_for(d) if d.drafter else None
-            reset_peak()
-            run = run_suite(prompts, gen_fn(d, dr))
-            peaks[d] = max(peaks[d], peak_rss_mb())
-            if dr is not None:
-                dr.close()
-            reps[d].append(run.figures())
-            outs[d].append(run.outputs)
+            if d in drafters:
+                drafters[d].close()
+            reps[d].append(runs[d].figures())
+            outs[d].append(runs[d].outputs)
             progress(1)
 
     greedy = next((d for d in decodes if d.drafter is None), None)

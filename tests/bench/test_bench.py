@@ -151,6 +151,32 @@ def test_cli_json_prints_one_report(run, tiny_model, tmp_path, capsys):
     assert report["configs"][0]["ppl"] is None and "n/a" in (tmp_path / "cli" / "report.md").read_text()
 
 
+def test_summarize_takes_medians_prompt_by_prompt():
+    """A burst that slows one prompt of one repeat does not move the figures; a slow repeat
+    shows in min / max. Decode tok/s = tokens over the sum of the prompts' median times."""
+    from sparsedge.bench.measure import SuiteRun, summarize
+    from sparsedge.runtimes.decoding import GenerationStats
+
+    def rep(times):
+        run = SuiteRun()
+        for j, t in enumerate(times):
+            st = GenerationStats(prompt_tokens=10, new_tokens=11, prefill_s=0.1, decode_s=t)
+            run.add(st, [j] * 11)
+        return run.figures()
+
+    base = [0.10, 0.20, 0.30]  # three prompts, 10 decoded tokens each
+    reps = [rep(base), rep(base), rep([0.10, 0.20, 3.0]), rep([0.5, 0.20, 0.30]), rep(base)]
+    f = summarize(reps)
+    assert f["decode_tok_s"] == pytest.approx(30 / 0.6)
+    assert f["prefill_tok_s"] == pytest.approx(30 / 0.3) and f["ttft_ms"] == pytest.approx(100.0)
+    assert f["decode_tok_s_min"] == pytest.approx(30 / 3.3) and f["decode_tok_s_max"] == pytest.approx(30 / 0.6)
+    # bursts in three repeats, each on another prompt: the median of the repeats' own figures
+    # falls to a slowed one (30 / 3.3 tok/s); prompt by prompt, each burst is one of five
+    reps = [rep(base), rep([3.0, 0.2, 0.3]), rep([0.1, 3.0, 0.3]), rep([0.1, 0.2, 3.0]), rep(base)]
+    assert sorted(r["decode_tok_s"] for r in reps)[2] == pytest.approx(30 / 3.3)
+    assert summarize(reps)["decode_tok_s"] == pytest.approx(30 / 0.6)
+
+
 @pytest.mark.parametrize("over, msg", [
     (dict(runtimes=("nope",)), "unknown runtime 'nope'"),
     (dict(recipes=("missing/recipe.json",)), "no such recipe file"),

@@ -1,0 +1,66 @@
+"""How far apart two `sparsedge bench` reports are, figure by figure (a run and its rerun).
+
+    python benchmarks/bench_compare.py RUN/report.json RERUN/report.json [--limit 0.10]
+
+For every configuration (runtime, variant, decoding) in both: decode and prefill tok/s, time to
+first token, peak memory, tokens per step; for every runtime x variant: perplexity. Prints each
+figure's relative difference |b - a| / a, the widest per kind, and exits 1 when one exceeds
+--limit (issue 7 asks for 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+FIGURES = ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "mean_accepted")
+
+
+def rel(a, b) -> float | None:
+    if a is None or b is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or a == 0:
+        return None
+    return abs(b - a) / abs(a)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("rerun")
+    ap.add_argument("--limit", type=float, default=0.10)
+    a = ap.parse_args(argv)
+    ra, rb = (json.load(open(p)) for p in (a.run, a.rerun))
+    key = lambda c: (c["runtime"], c["variant"], c["decode"])  # noqa: E731
+    cb = {key(c): c for c in rb["configs"]}
+    widest: dict[str, tuple[float, str]] = {}
+    print("| runtime | variant | decoding | " + " | ".join(FIGURES) + " |")
+    print("|---|---|---|" + "---|" * len(FIGURES))
+    for c in ra["configs"]:
+        d = cb.get(key(c))
+        if d is None:
+            print(f"| {' | '.join(key(c))} | missing from the rerun |")
+            continue
+        cells = []
+        for f in FIGURES:
+            r = rel(c.get(f), d.get(f))
+            cells.append("-" if r is None else f"{c[f]:.1f} -> {d[f]:.1f} ({100 * r:.1f}%)")
+            if r is not None and r > widest.get(f, (-1.0, ""))[0]:
+                widest[f] = (r, " / ".join(key(c)))
+        print(f"| {' | '.join(key(c))} | " + " | ".join(cells) + " |")
+    pb = {(r["runtime"], r["variant"]): r for r in rb.get("runs", [])}
+    for r in ra.get("runs", []):
+        o = pb.get((r["runtime"], r["variant"]))
+        x = rel(r.get("ppl"), o.get("ppl") if o else None)
+        if x is not None and x > widest.get("ppl", (-1.0, ""))[0]:
+            widest["ppl"] = (x, f"{r['runtime']} / {r['variant']}")
+    print()
+    worst = 0.0
+    for f, (r, where) in widest.items():
+        print(f"widest {f}: {100 * r:.1f}% ({where})")
+        worst = max(worst, r)
+    print(f"widest of all: {100 * worst:.1f}% (limit {100 * a.limit:.0f}%)")
+    return 0 if worst <= a.limit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
