@@ -32,12 +32,18 @@ def host() -> dict:
            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
            "features": h.cpu_features or [], "providers": h.providers, "runtimes": h.runtimes,
            "os": platform.platform(), "python": platform.python_version()}
-    # how the native engine's OpenMP threads wait at barriers (sparsedge.runtimes.native._lib): it
+    # how the native engine's threads wait at barriers (sparsedge.runtimes.native._lib): it
     # changes native decode speed by 2x on idle cores
     from ..runtimes.native._lib import SPINCOUNT
 
     out["omp_wait"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ} or {
         "GOMP_SPINCOUNT": SPINCOUNT}
+    try:
+        from ..runtimes.native._lib import wait_mode
+
+        out["omp_wait"]["forward_barriers"] = wait_mode()
+    except Exception:  # the C library is not built here
+        pass
     try:
         out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

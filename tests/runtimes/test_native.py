@@ -566,6 +566,46 @@ def test_vnni_products_are_bit_identical_to_avx2(tmp_path, gtype):
         native.set_level(None)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_adaptive_barrier_gives_openmps_results(tmp_path, threads):
+    """The forward's own barrier (spin window, futex sleep) against OpenMP's, with more threads
+    than cores too (every wait then sleeps or is preempted): bit-identical logits, forward after
+    forward, for prompts, single tokens and a tree step; an unknown mode is an error."""
+    spec, w = tiny_llama(2)
+    p = tmp_path / "tiny.gguf"
+    write_gguf(p, spec, w, "Q4_0")
+    toks = [5, 17, 99, 3, 200, 41, 7, 8, 250]
+    parents, mask, depth = _tree()
+    outs = {}
+    try:
+        for mode in ("openmp", "adaptive"):
+            _lib.wait_mode(mode)
+            rt = NativeRuntime(p, threads=threads)
+            got = [rt.forward(toks)]
+            for t in range(40):
+                got.append(rt.forward([t % 250 + 1]))
+            got.append(rt.forward(toks[:8], rt.n_past + depth, mask))
+            outs[mode] = got
+        for a, b in zip(outs["openmp"], outs["adaptive"]):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(SparsedgeError, match="wait mode"):
+            _lib.wait_mode("busy")
+    finally:
+        _lib.wait_mode("adaptive")
+    # the suite runs with OMP_WAIT_POLICY=PASSIVE (conftest), under which the adaptive barrier
+    # sleeps at once: its spinning path runs in a process without it
+    code = (f"import numpy as np; from sparsedge.runtimes.native import _lib; "
+            f"from sparsedge.runtimes.native.runtime import NativeRuntime\n"
+            f"out = []\n"
+            f"for m in ('openmp', 'adaptive'):\n"
+            f"    _lib.wait_mode(m); rt = NativeRuntime({str(p)!r}, threads={threads})\n"
+            f"    out.append(np.stack([rt.forward({toks})[-1]] + [rt.forward([t + 1])[0] for t in range(60)]))\n"
+            f"assert (out[0] == out[1]).all(); print('same')")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "same", r.stderr[-2000:]
+
+
 def test_loader_picks_r8_where_the_cpu_has_its_kernels(tmp_path):
     spec, w = tiny_llama()
     p = tmp_path / "q4.gguf"

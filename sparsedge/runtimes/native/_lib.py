@@ -67,15 +67,14 @@ def lib() -> C.CDLL:
     global _LIB
     if _LIB is None:
         path = str(library_path())
-        # libgomp reads its wait policy once, when it loads. A decoder step crosses about 180
-        # barriers (6 per layer); how a thread waits at them decides the speed:
-        #   - libgomp's default spins for a long time: on a CPU shared with other jobs a spinning
-        #     thread burns the slice its descheduled peer needs (2 threads: 3 tok/s vs 40 passive);
-        #   - passive (sleep at once) pays a futex wake-up, from an idle core, at every barrier:
-        #     SmolLM2-135M Q4_0 on 2 idle cores decodes at 143 tok/s passive, 286 with a short spin;
-        #   - a short spin (GOMP_SPINCOUNT=300) then sleep: 286 tok/s idle, and 140 against 165
-        #     passive with another process pegging one of the two cores.
-        # So a short spin unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
+        # A decoder step crosses about 180 barriers (6 per layer); how a thread waits at them
+        # decides the speed. The forward's own barriers adapt (se_barrier in the C source: a spin
+        # window that grows or shrinks with what the waits find, no spin on a contended core,
+        # OMP_WAIT_POLICY honoured). libgomp's wait, read once when it loads, is left for the
+        # fork / join around each forward, where its long default spin would burn the slice a
+        # descheduled peer needs (2 threads on a shared CPU: 3 tok/s vs 40 passive) and passive
+        # pays a wake-up per forward: a short spin unless the user chose (OMP_WAIT_POLICY or
+        # GOMP_SPINCOUNT).
         chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
         if not chosen:
             os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
@@ -93,6 +92,7 @@ def lib() -> C.CDLL:
         L.se_quant_q8.argtypes, L.se_quant_q8.restype = [vp, i32, vp, vp, vp, vp], None
         L.se_prefers_r8.argtypes, L.se_prefers_r8.restype = [], i32
         L.se_profile.argtypes, L.se_profile.restype = [i32, vp], None
+        L.se_wait_mode.argtypes, L.se_wait_mode.restype = [i32], i32
         L.se_matmul.argtypes, L.se_matmul.restype = [C.POINTER(Mat), i32, vp, vp, vp, i32], i32
         L.se_rmsnorm.argtypes, L.se_rmsnorm.restype = [vp, vp, vp, i32, i32, f32], None
         L.se_rope.argtypes, L.se_rope.restype = [vp, i32, i32, i32, vp, f32, f32, i32], None
@@ -107,6 +107,16 @@ def lib() -> C.CDLL:
 def set_level(level: int | None) -> str:
     """Kernel path: None = best the CPU supports (SPARSEDGE_NATIVE_SCALAR=1 forces scalar), 0 = scalar."""
     return LEVELS[lib().se_set_level(-1 if level is None else int(level))]
+
+
+def wait_mode(mode: str | None = None) -> str:
+    """How a forward's threads wait at its barriers: "adaptive" (sparsedge's: spin a window that
+    adapts, sleep on a futex, no spin on a contended core) or "openmp" (libgomp's barrier, as set by
+    GOMP_SPINCOUNT / OMP_WAIT_POLICY). None only reads; returns the mode before the call."""
+    modes = ("adaptive", "openmp")
+    if mode is not None and mode not in modes:
+        raise SparsedgeError(f"unknown wait mode {mode!r} (known: {', '.join(modes)})")
+    return modes[lib().se_wait_mode(-1 if mode is None else modes.index(mode))]
 
 
 def level() -> str:

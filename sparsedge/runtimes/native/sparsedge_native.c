@@ -57,7 +57,11 @@
  * Norms, RoPE and activations are per token already.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE 1 /* syscall(2) for the futex of se_barrier, RUSAGE_THREAD */
+#include <limits.h>
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -72,6 +76,12 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #define SE_NEON 1
+#endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define QK 32
@@ -1033,6 +1043,142 @@ static inline int thread_count(void) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* the team barrier of a forward                                                               */
+
+/* A forward crosses ~6 barriers per layer (180 on SmolLM2). libgomp's barrier spins for
+ * GOMP_SPINCOUNT iterations, then sleeps on a futex, and no fixed count suits every load: on an
+ * idle 2-vCPU VM a short spin (300) sends many waits to sleep, and waking a sleeping vCPU costs
+ * tens of microseconds (decode 233-255 tok/s, a tenth of the runs under 210; spin 1000: 293),
+ * while a long spin collapses when another process shares a core (1000: 92 tok/s, 30000: 16;
+ * 300: 125; PASSIVE: 147): the spinning thread burns the time slice its sibling needs. So each
+ * thread adapts its own wait: spin up to a window, then sleep; a sleep that ended soon after the
+ * window (< 4x) doubles it (spinning on would have caught the sibling), a long one halves it (the
+ * sibling was descheduled, spinning is wasted). And a thread whose core is contended does not
+ * spin at all: there every spin burns the share of the core its own work needs next. Contended =
+ * a moving average of its involuntary context switches per forward above 1 (measured on SmolLM2:
+ * ~0.2 on an idle 2-vCPU VM, 30-45 with another process pegging a core).
+ * OMP_WAIT_POLICY=PASSIVE (sleep at once) and ACTIVE (spin) are honoured. Sense-reversing: the
+ * last thread to arrive resets the count and bumps the generation the others wait on. */
+typedef struct {
+    atomic_int count;
+    atomic_uint gen;
+    atomic_int sleepers;
+} se_bar;
+
+#define SE_SPIN_MIN 2e-6
+#define SE_SPIN_MAX 200e-6
+static _Thread_local se_bar *tl_bar; /* the barrier of the forward this thread works on, or NULL */
+static _Thread_local int tl_team = 1;
+static _Thread_local double tl_spin = 20e-6; /* seconds; kept across forwards (pool threads persist) */
+static _Thread_local double tl_cap = SE_SPIN_MAX; /* this forward's ceiling on tl_spin */
+static _Thread_local long tl_nivcsw = -1;
+static _Thread_local double tl_preempt = 0.0; /* moving average of involuntary switches per forward */
+static int wait_policy = -1; /* -1 unread, 0 adaptive, 1 PASSIVE, 2 ACTIVE */
+static int use_omp_barrier = 0; /* se_wait_mode(1): OpenMP's barrier instead (for comparisons) */
+
+/* 0: the adaptive barrier below; 1: OpenMP's (libgomp: GOMP_SPINCOUNT, OMP_WAIT_POLICY). Returns
+ * the previous mode. */
+SE_API int se_wait_mode(int mode) {
+    int old = use_omp_barrier;
+    if (mode >= 0) use_omp_barrier = mode == 1;
+    return old;
+}
+
+static inline double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(SE_X86)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void futex_wait(atomic_uint *a, unsigned v) {
+#if defined(__linux__)
+    syscall(SYS_futex, (void *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+#else
+    (void)a; (void)v;
+    sched_yield();
+#endif
+}
+
+static void futex_wake_all(atomic_uint *a) {
+#if defined(__linux__)
+    syscall(SYS_futex, (void *)a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)a;
+#endif
+}
+
+/* every thread of a team calls this at the start of its parallel region, with the same bar (or
+ * NULL: se_barrier is then OpenMP's own) */
+static inline void bar_attach(se_bar *b) {
+    tl_bar = use_omp_barrier ? NULL : b;
+    b = tl_bar;
+#ifdef _OPENMP
+    tl_team = omp_get_num_threads();
+#else
+    tl_team = 1;
+#endif
+    if (!b) return;
+    if (wait_policy < 0) { /* a benign race: every thread computes the same value */
+        const char *e = getenv("OMP_WAIT_POLICY");
+        wait_policy = !e ? 0 : (!strcasecmp(e, "passive") ? 1 : (!strcasecmp(e, "active") ? 2 : 0));
+    }
+    tl_cap = wait_policy == 1 ? 0.0 : (wait_policy == 2 ? 1.0 : SE_SPIN_MAX);
+#if defined(RUSAGE_THREAD)
+    if (wait_policy == 0) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+            if (tl_nivcsw >= 0) tl_preempt = 0.8 * tl_preempt + 0.2 * (double)(ru.ru_nivcsw - tl_nivcsw);
+            tl_nivcsw = ru.ru_nivcsw;
+            if (tl_preempt > 1.0) tl_cap = 0.0;
+        }
+    }
+#endif
+}
+
+static void se_barrier(void) {
+    se_bar *b = tl_bar;
+    if (!b) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        return;
+    }
+    if (tl_team <= 1) return;
+    const unsigned g = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == tl_team - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add(&b->gen, 1); /* seq_cst: ordered before the sleepers load */
+        if (atomic_load(&b->sleepers) > 0) futex_wake_all(&b->gen);
+        return;
+    }
+    for (int i = 0; i < 64; i++) { /* most waits end here, before any clock read */
+        if (atomic_load_explicit(&b->gen, memory_order_acquire) != g) return;
+        cpu_relax();
+    }
+    const double t0 = mono_s(), lim = wait_policy == 2 ? 1.0 : fmin(tl_spin, tl_cap);
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(&b->gen, memory_order_acquire) != g) return;
+            cpu_relax();
+        }
+    } while (mono_s() - t0 < lim);
+    atomic_fetch_add(&b->sleepers, 1); /* seq_cst: ordered before the gen load (pairs with the waker) */
+    while (atomic_load(&b->gen) == g) futex_wait(&b->gen, g);
+    atomic_fetch_sub(&b->sleepers, 1);
+    const double w = mono_s() - t0;
+    if (tl_cap > 0.0) /* not in a forward that does not spin: its waits say nothing of the window */
+        tl_spin = w < 4 * lim ? fmin(2 * lim, SE_SPIN_MAX) : fmax(0.5 * lim, SE_SPIN_MIN);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* mat-mat over k tokens; called by every thread of the enclosing parallel region              */
 
 /* activations quantized per block of 32 for ROW quantized weights */
@@ -1045,10 +1191,11 @@ typedef struct {
 static void quantize_rows(const float *X, int k, int cols, se_qact *qa) {
     int nb = cols / QK;
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
 #endif
     for (int t = 0; t < k; t++) K.quant_q8(X + (size_t)t * cols, qa->q + (size_t)t * cols, qa->d + (size_t)t * nb,
                                            qa->s + (size_t)t * nb, qa->sum + (size_t)t * nb, nb);
+    se_barrier();
 }
 
 /* Y[t][r] = W[r,:] . X[t] for ROW layout; rowmask (k x rows, or NULL): skip rows, Y = 0 there.
@@ -1057,7 +1204,7 @@ static void mm_row(const se_mat *W, int k, const float *X, const se_qact *qa, fl
                    const uint8_t *rowmask) {
     const int rows = W->rows, cols = W->cols, nb = cols / QK;
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
 #endif
     for (int r = 0; r < rows; r++) {
         for (int t = 0; t < k; t++) {
@@ -1077,6 +1224,7 @@ static void mm_row(const se_mat *W, int k, const float *X, const se_qact *qa, fl
             }
         }
     }
+    se_barrier();
 }
 
 /* the next block's active columns are scattered: ask for them while this block computes */
@@ -1141,9 +1289,7 @@ static void mm_col(const se_mat *W, int k, const float *X, const se_qact *qa, fl
             }
         }
     }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+    se_barrier();
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1220,7 +1366,8 @@ static void dequant_row(const se_mat *W, int r, float *y) {
 /* ------------------------------------------------------------------------------------------ */
 /* the decoder step                                                                            */
 
-#define OMP_FOR _Pragma("omp for schedule(static)")
+/* work-shared loops end without OpenMP's implicit barrier: se_barrier() follows each */
+#define OMP_FOR _Pragma("omp for schedule(static) nowait")
 #ifndef _OPENMP
 #undef OMP_FOR
 #define OMP_FOR
@@ -1300,13 +1447,14 @@ static void mm_rows_multi(int n, const se_mat *const *W, const float *const *X, 
     int total = 0;
     for (int i = 0; i < n; i++) total += n_units(W[i]);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
 #endif
     for (int uu = 0; uu < total; uu++) {
         int i = 0, u = uu;
         while (u >= n_units(W[i])) u -= n_units(W[i++]);
         rows_unit(W[i], u, X[i], qa[i], Y[i], k);
     }
+    se_barrier();
 }
 
 
@@ -1353,9 +1501,7 @@ static void ffn_r8_fused(const se_model *m, const se_layer *L, int k, const floa
     }
     if (tg) count_site(st, S_GATE, thread_id() == 0 ? (int64_t)k * F : 0, zg);
     if (td) count_site(st, S_DOWN, thread_id() == 0 ? (int64_t)k * F : 0, zd);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+    se_barrier();
 }
 
 /* The same for a ROW gate and up with a gate threshold (CPUs without R8 kernels): per neuron,
@@ -1378,9 +1524,7 @@ static void ffn_gate_up_fused(const se_model *m, const se_layer *L, int k, const
     }
     if (tg) count_site(st, S_GATE, thread_id() == 0 ? (int64_t)k * F : 0, zg);
     if (td) count_site(st, S_DOWN, thread_id() == 0 ? (int64_t)k * F : 0, zd);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+    se_barrier();
 }
 
 /* RoPE angles of one token: cs[2j] = cos, cs[2j+1] = sin of pos/factor * theta^(-2j/hd), j < hd/2 */
@@ -1494,11 +1638,16 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
     float *g = vv + (size_t)k * KD, *u = g + (size_t)k * F, *mm = u + (size_t)k * F, *f = mm + (size_t)k * F;
     float *scores = f + (size_t)k * H, *ropecs = scores + (size_t)k * nh * total;
     const int group = nh / nkv;
+    se_bar bar;
+    atomic_init(&bar.count, 0);
+    atomic_init(&bar.gen, 0u);
+    atomic_init(&bar.sleepers, 0);
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
     {
+        bar_attach(&bar);
         const int tid = thread_id();
         double prof_last = prof_on ? wtime() : 0.0;
         se_stats *st0 = tid == 0 ? stats : NULL; /* thread-local steps are counted once */
@@ -1581,6 +1730,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 }
                 if (l == 0) c->pos[n0 + t] = pos[t];
             }
+            se_barrier();
             PROF(P_ROPE);
             /* D: attention, each (token, head) over exactly its visible entries (the earlier ones
              * inside the window, plus the new ones its mask row shows), gathered in cache order
@@ -1593,7 +1743,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
             {
                 int32_t *myidx = vidx + (size_t)thread_id() * total;
 #ifdef _OPENMP
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
 #endif
                 for (int t = 0; t < k; t++) {
                     for (int i = 0; i < nh; i++) {
@@ -1631,6 +1781,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                         for (int d = 0; d < hd; d++) o[d] *= inv;
                     }
                 }
+                se_barrier();
             }
             PROF(P_ATTN);
             /* E (thread-local): o_in threshold on a copy of att, quantize; F: o projection */
@@ -1675,6 +1826,7 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                     for (int i = 0; i < F; i++) mt[i] = gt[i] * ut[i];
                     site_row(L, S_DOWN, mt, F, stats);
                 }
+                se_barrier();
             }
             PROF(P_GATEUP);
             /* I, J: down projection (COL: only each token's nonzero neurons); its post-norm and
@@ -1703,8 +1855,10 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
             for (int t = 0; t < k; t++)
                 for (int i = 0; i < V; i++)
                     logits[(size_t)t * V + i] = tanhf(logits[(size_t)t * V + i] / m->softcap) * m->softcap;
+            se_barrier();
         }
         PROF(P_HEAD);
+        bar_attach(NULL); /* the pool thread outlives this call's bar */
     }
     free(buf); free(qbuf); free(qsc); free(qsum); free(vidx);
     return 0;
@@ -1733,6 +1887,7 @@ SE_API int se_matmul(const se_mat *W, int k, const float *X, float *Y, const uin
 #pragma omp parallel num_threads(nthr)
 #endif
     {
+        bar_attach(NULL);
         if (needs_q8(W)) quantize_rows(X, k, W->cols, &qa);
         if (W->layout == SE_COL) mm_col(W, k, X, &qa, Y);
         else {
