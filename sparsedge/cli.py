@@ -537,12 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", nargs="+", metavar="D", help="decoding configurations: greedy, spec:DRAFTER, "
                    "tree:DRAFTER[,DRAFTER] (drafters as in 'sparsedge run --drafter'); greedy is always measured "
                    "(default: greedy spec:ngram tree:ngram,recycle)")
-    s.add_argument("--quick", action="store_true", help="a few minutes on smollm2-135m: 3 prompts, 64 tokens, "
-                   "3 repeats, perplexity over 1024 tokens, recipes calibrated on 4096 tokens (options given "
+    s.add_argument("--quick", action="store_true", help="a few minutes on smollm2-135m: 4 prompts, 96 tokens, "
+                   "5 repeats, perplexity over 1024 tokens, recipes calibrated on 4096 tokens (options given "
                    "explicitly still win)")
     s.add_argument("--prompts", type=int, help="first N prompts of the suite (default: all 12)")
     s.add_argument("-n", "--max-new-tokens", type=int, help="tokens per prompt, no stop tokens (default 128)")
-    s.add_argument("--repeats", type=int, help="repeats of every configuration; figures are medians (default 3)")
+    s.add_argument("--repeats", type=int, help="repeats of every configuration, run in rounds over the runtimes; "
+                   "speeds are medians prompt by prompt (default 3)")
     s.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity and top-1 agreement, 0 to "
                    "skip (default 4096)")
     s.add_argument("--ppl-window", type=int, help="perplexity window (default 512)")
