@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=0, help="first N prompts of the suite (0: all)")
     ap.add_argument("--warm", type=int, default=0, help="seed recycle / n-gram from N corpus tokens")
     ap.add_argument("--quant", default=None, help="GGUF / ONNX file of the artifact (default: fastest)")
+    ap.add_argument("--flat-cost", action="store_true",
+                    help="price a verification of any size as one token: trees grow to the budget, and "
+                         "tokens/step is what the drafters could give if verification were free (their "
+                         "ceiling; tok/s is then not a speed worth quoting)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
 
     from sparsedge import load, open_runtime
     from sparsedge.bench.measure import run_suite, warm_drafter, warm_ids
-    from sparsedge.runtimes.decoding import (GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
+    from sparsedge.runtimes.decoding import (CostCurve, GenerationConfig, GenerationStats, SpecConfig, SpecStats, Target,
                                              generate, make_drafter, prompt_suite, speculative_generate)
     from sparsedge.text import encode_prompt, stop_ids
 
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
             if seed_ids:
                 warm_drafter(dr, rt, seed_ids)
             for mode in [m.strip() for m in a.modes.split(",")]:
-                sc = SpecConfig(mode=mode, budget=a.budget)
+                sc = SpecConfig(mode=mode, budget=a.budget,
+                                cost=CostCurve([1, 32], [1.0, 1.0]) if a.flat_cost else None)
 
                 def spec(p):
                     st = SpecStats()
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
                      f"{r.get('nodes_per_step', 0):.1f} | {'yes' if r['identical'] else 'NO'} |")
     md = "\n".join(lines)
     settings = {"artifact": a.artifact, "tokens": a.tokens, "threads": a.threads, "prompts": len(prompts),
-                "budget": a.budget, "warm": a.warm, "quant": a.quant,
+                "budget": a.budget, "warm": a.warm, "quant": a.quant, "flat_cost": a.flat_cost,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(md)
     if a.out:

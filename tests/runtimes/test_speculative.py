@@ -199,7 +199,7 @@ def test_recycle_pairs_probabilities_and_files(tmp_path):
     dr.observe(v, lg, [0], 7, [1, 4, 5])
     assert dr.succ[5, 0] == 7 and dr.succ[6, 0] == 9
     assert dr.prob[5, 0] > 0.99 and 0.1 < dr.prob[6, 0] < 0.9
-    assert (4, 5) in dr.succ2 and (5, 6) in dr.succ2
+    assert dr._successors(4, 5)[2] and dr._successors(5, 6)[2] and not dr._successors(9, 5)[2]
     # the one-token row of 5 is overwritten after another context; the pair (4, 5) still knows 7
     lg2 = np.zeros((1, V), np.float32)
     lg2[0, 11] = 12.0
@@ -220,6 +220,13 @@ def test_recycle_pairs_probabilities_and_files(tmp_path):
     assert (other.succ == dr.succ).all() and not other.prob.any()
     with pytest.raises(SparsedgeError, match="shape"):
         RecycleDrafter(V + 1, k=8, tree="chain8").load(f)
+    # the pair table is bounded: 4 slots after 60 stored pairs, the newest one found
+    small = RecycleDrafter(V, k=8, tree="chain8", pairs=4)
+    for a in range(60):
+        small.observe(Verify(np.array([7]), np.array([-1]), np.array([0]), []), lg2, [0], 11, [a % V, 7])
+    assert (small.pair_key >= 0).sum() <= 4 and small._successors(59, 7)[2]
+    with pytest.raises(SparsedgeError, match="power of two"):
+        RecycleDrafter(V, pairs=6)
 
 
 def test_long_generation_stays_identical(tiny_art):

@@ -137,7 +137,9 @@ def test_status_says_what_to_install_and_what_this_build_lacks():
 def test_detect_this_host():
     h = detect_host()
     assert h.system == "linux" and h.machine == "x86_64" and {"avx2", "fma"} <= set(h.cpu_features)
-    assert "CPUExecutionProvider" in h.providers and h.runtimes.get("native") == "avx2+fma"
+    # the AVX2 path, with the VNNI products where the CPU has AVX512-VNNI
+    assert "CPUExecutionProvider" in h.providers and h.runtimes.get("native") in ("avx2+fma", "avx2+fma+avx512vnni")
+    assert h.runtimes["native"].endswith("avx512vnni") == ("avx512_vnni" in h.cpu_features)
     assert status(TARGETS["laptop-x86"], h).code == "runs"
     assert status(TARGETS["arm64-phone"], h).code == "wrong-cpu"
     assert status(TARGETS["apple"], h).code == "wrong-cpu"

@@ -56,11 +56,13 @@ class RecycleDrafter(Drafter):
     name = "recycle"
 
     def __init__(self, vocab_size: int, k: int = 8, tree: str = "tree32", update: str = "all",
-                 context: int = 2, pairs: int = 1 << 18):
+                 context: int = 2, pairs: int = 1 << 16):
         if update not in ("all", "path"):
             raise SparsedgeError("update must be 'all' or 'path'")
         if context not in (1, 2):
             raise SparsedgeError(f"recycle context must be 1 or 2 tokens, got {context}")
+        if pairs < 2 or pairs & (pairs - 1):
+            raise SparsedgeError(f"recycle pairs must be a power of two >= 2, got {pairs}")
         self.paths = template(tree)
         if max(max(p) for p in self.paths) >= k:
             raise SparsedgeError(f"template {tree} needs more than {k} successors per token")
@@ -69,19 +71,29 @@ class RecycleDrafter(Drafter):
         # tail left out, so an overestimate, but as sharp as the target was): nodes are bucketed
         # by it, and the bucket's measured acceptance is the node's confidence
         self.prob = np.zeros((vocab_size, k), dtype=np.float32)
-        # context=2: the successors seen after a token *pair* (previous token, token), which the
-        # target predicts far more sharply than after the token alone; a pair never verified
-        # falls back to the one-token row. Kept in insertion order and bounded at ``pairs``
-        # entries (oldest dropped), 8 int32 each.
-        self.succ2: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # context=2: the successors seen after a token *pair* (previous token, token) win over the
+        # token's own row (with free verification 1.80 -> 1.89 tokens per step on the suite); a
+        # pair not held falls back to that row. A direct-mapped table of ``pairs`` slots indexed
+        # by a hash of the pair (a newer pair evicts an older one in its slot): bounded memory,
+        # 3.5 MB at 65,536 slots, and stores that are numpy scatters.
+        self.pair_key = np.full(pairs, -1, dtype=np.int64)  # [pairs] prev * vocab + token, -1 empty
+        self.pair_succ = np.full((pairs, k), -1, dtype=np.int32)  # [pairs, k]
+        self.pair_prob = np.zeros((pairs, k), dtype=np.float32)  # [pairs, k]
+        self._shift = np.uint64(64 - (pairs.bit_length() - 1))
+        self.vocab = vocab_size
         self.k, self.update, self.context, self.pairs = k, update, context, pairs
         self.rates = Rates()
 
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        """Fibonacci hashing of pair keys [n] int64 -> slots [n] (uint64 products wrap mod 2^64)."""
+        return ((keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> self._shift).astype(np.int64)
+
     def _successors(self, prev: int, tok: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        if self.context == 2:
-            row = self.succ2.get((prev, tok))
-            if row is not None:
-                return row[0], row[1], True
+        if self.context == 2 and prev >= 0:
+            key = prev * self.vocab + tok
+            s = int(self._slots(np.array([key], dtype=np.int64))[0])
+            if self.pair_key[s] == key:
+                return self.pair_succ[s], self.pair_prob[s], True
         return self.succ[tok], self.prob[tok], False
 
     def propose(self, req: DraftRequest) -> Draft:
@@ -116,13 +128,10 @@ class RecycleDrafter(Drafter):
         self.succ[toks] = top
         self.prob[toks] = prob
         if self.context == 2:
-            d = self.succ2
-            for a, b, row, pr in zip(prev.tolist(), toks.tolist(), top, prob):
-                if a >= 0:
-                    d.pop((a, b), None)  # re-insert: most recent last
-                    d[(a, b)] = (row, pr)
-            while len(d) > self.pairs:
-                del d[next(iter(d))]
+            known = prev >= 0
+            keys = prev[known].astype(np.int64) * self.vocab + toks[known]
+            s = self._slots(keys)
+            self.pair_key[s], self.pair_succ[s], self.pair_prob[s] = keys, top[known], prob[known]
 
     def observe(self, v, logits, path, next_token, context) -> None:
         self.rates.update(v, path, self.name)
@@ -140,13 +149,13 @@ class RecycleDrafter(Drafter):
         for s in range(0, len(ids), window):
             chunk = ids[s : s + window]
             runtime.reset()
-            prev = np.concatenate([[ids[s - 1] if s else -1], chunk[:-1]])
+            prev = np.concatenate([[-1], chunk[:-1]])  # the forward saw no token before the chunk
             self._store(prev, chunk, runtime.forward(chunk))
         runtime.reset()
 
     def save(self, path: str | Path) -> None:
         """The one-token matrix and its probabilities, as a .npz (the pair table is not kept: it
-        is specific to the texts seen)."""
+        holds the texts seen most recently)."""
         np.savez(Path(path), succ=self.succ, prob=self.prob)
 
     def load(self, path: str | Path) -> None:
