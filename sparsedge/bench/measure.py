@@ -10,7 +10,9 @@ Timing protocol (what makes the figures reproduce on a shared machine):
   cost curve t(k)/t(1) once (cached per runtime), outside every timed run;
 - every repeat runs all decoding configurations in turn on each prompt (interleaved prompt by
   prompt), so a burst of other work hits all of them alike; the report gives medians over repeats
-  taken prompt by prompt (``summarize``), and each repeat's min / max;
+  taken prompt by prompt (``summarize``), and each repeat's min / max; a configuration's peak
+  memory is the highest RSS while it ran, which includes the drafters of the repeat's other
+  configurations (alive for the whole repeat: a few MB);
 - no stop tokens: every prompt decodes exactly ``max_new_tokens``, so runs compare like for like;
 - a speculative configuration gets a fresh drafter per repeat (warm across the prompts of one
   repeat, as in a server): a drafter kept across repeats would find the previous repeat's outputs
@@ -207,9 +209,10 @@ def summarize(reps: list[dict]) -> dict:
 
     Speeds and TTFT are medians prompt by prompt: decode tok/s = all prompts' decoded tokens over
     the sum of each prompt's median decode time (likewise prefill). Other work on a shared
-    machine comes in bursts shorter than a pass over the suite; a burst slows one prompt of one
-    repeat, which a per-prompt median drops, where it moved that whole repeat's figure (a
-    median of 5 per-repeat figures moved by up to 10% between two runs)."""
+    machine comes in bursts; one shorter than a pass over the suite slows one prompt of one
+    repeat, which a per-prompt median drops, where it moved that whole repeat's figure. A slower
+    period of the whole host, minutes long, still moves every figure of a run (measured on a
+    shared 2-vCPU VM: llama.cpp -7.7%, ONNX Runtime -11% between two runs)."""
     keys = [k for k in reps[0] if isinstance(reps[0][k], (int, float))]
     med = {k: float(np.median([r[k] for r in reps])) for k in keys}
     tps = [r["decode_tok_s"] for r in reps]

@@ -105,7 +105,8 @@ def lib() -> C.CDLL:
 
 
 def set_level(level: int | None) -> str:
-    """Kernel path: None = best the CPU supports (SPARSEDGE_NATIVE_SCALAR=1 forces scalar), 0 = scalar."""
+    """Kernel path: None = best the CPU supports (SPARSEDGE_NATIVE_SCALAR=1 forces scalar), 0 = scalar,
+    1 = AVX2+FMA alone, 3 = AVX2+FMA with the AVX512-VNNI k-token products (bit-identical to 1)."""
     return LEVELS[lib().se_set_level(-1 if level is None else int(level))]
 
 
