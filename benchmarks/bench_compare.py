@@ -23,13 +23,25 @@ def rel(a, b) -> float | None:
     return abs(b - a) / abs(a)
 
 
+def _report(path: str) -> dict:
+    """A report.json of `sparsedge bench`, or a one-line exit naming what is wrong with it."""
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"bench_compare: cannot read {path}: {e}")
+    if not isinstance(r, dict) or not isinstance(r.get("configs"), list):
+        sys.exit(f"bench_compare: {path} is not a sparsedge bench report.json (no 'configs' list)")
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
     ap.add_argument("rerun")
     ap.add_argument("--limit", type=float, default=0.10)
     a = ap.parse_args(argv)
-    ra, rb = (json.load(open(p)) for p in (a.run, a.rerun))
+    ra, rb = (_report(p) for p in (a.run, a.rerun))
     key = lambda c: (c["runtime"], c["variant"], c["decode"])  # noqa: E731
     cb = {key(c): c for c in rb["configs"]}
     widest: dict[str, tuple[float, str]] = {}

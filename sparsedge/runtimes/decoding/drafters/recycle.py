@@ -81,7 +81,7 @@ class RecycleDrafter(Drafter):
         self.pair_prob = np.zeros((pairs, k), dtype=np.float32)  # [pairs, k]
         self._shift = np.uint64(64 - (pairs.bit_length() - 1))
         self.vocab = vocab_size
-        self.k, self.update, self.context, self.pairs = k, update, context, pairs
+        self.k, self.update, self.context = k, update, context
         self.rates = Rates()
 
     def _slots(self, keys: np.ndarray) -> np.ndarray:
