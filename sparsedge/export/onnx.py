@@ -63,7 +63,6 @@ MASK_VALUE = -1e4
 # that step ~0.15, coarse for softmax logits. -100 still hides a key (exp(-100) = 4e-44) while
 # keeping the step ~3e-3.
 STATIC_MASK_VALUE = -100.0
-NORM_PRESCALE = 1.0 / 256
 # ONNX protobufs cannot exceed 2 GiB; above this many bytes of weights they go to one side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -82,8 +81,13 @@ class StaticShape:
       distinct rope bases), computed on the host in float: quantized to 16 bits inside the graph,
       angles of up to C radians would lose their precision, and Sin/Cos need no NPU support;
     - attention is written with tensors of rank <= 4 (HTP kernels stop at rank 4);
-    - ``present.{i}.key`` / ``.value`` are the k new entries only, [1, n_kv, k, hd]: the runtime owns
-      the fixed-size cache and writes them into their slots (no C-sized copy out of the graph).
+    - attention reads the C cache slots only, the new entries written into theirs inside the graph
+      (input ``kv_slot_source`` int64 [C]: slot c takes column kv_slot_source[c] of the past and
+      new entries concatenated, c or C + a new row; ``attention_bias`` is [1, 1, k, C]), so that a key's
+      column does not depend on which call brought it (_attention_static says why that matters);
+    - the cache is slot-major: ``past_key_values.{i}.*`` [C, n_kv * hd], and ``present.{i}.*`` the k
+      new entries only, [k, n_kv * hd]: the runtime owns the fixed-size cache and writes them into
+      the same slots (no C-sized copy out of the graph).
     """
 
     context: int
@@ -106,6 +110,7 @@ def input_names(spec: ModelSpec, static: StaticShape | None = None) -> list[str]
         names.append("sliding_attention_bias")
     if static is not None:
         names += [f"rope_{f}.{j}" for j in range(len(rope_bases(spec))) for f in ("cos", "sin")]
+        names.append("kv_slot_source")
     for i in range(spec.n_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     return names
@@ -188,6 +193,30 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float32)
 
 
+def _rms_norm_fp16(g: "_Graph", x: str, eps: float, name: str) -> str:
+    """x / sqrt(mean(x^2) + eps) over the last axis, written for NPUs that run float ops in fp16
+    and flush its subnormals (< 6.1e-5) to zero, as QNN HTP does.
+
+    SmolLM2's massive activation (2.3e4) squares past fp16's 65504; scaling every row down by a
+    constant (x / 256, as this graph once did) pushes a typical token's squares below 6.1e-5, and
+    dividing by the row's largest magnitude m takes 1/m to zero (measured on the emulated HTP: 9%
+    error on a row of magnitude 0.003 with x / 256, 100% on the massive row with x / m). So only rows with m > 128 are scaled, by s = 128 / max(m, 128)
+    >= 0.002: their squares stay <= 128^2 and their mean >= 128^2 / H, while other rows keep their
+    own squares. Exact for any s > 0:  x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps s^2),
+    u = x s. Shapes: x [.., H] -> [.., H]."""
+    m = g.op("ReduceMax", g.op("Abs", x, name=name + ".abs"), g.const([-1]), keepdims=1, name=name + ".absmax")
+    # s = 1 / (max(m, 128) / 128): HTP divides by multiplying with a reciprocal, and 1 / m itself
+    # (4e-5 for m = 2.3e4) would be flushed to zero
+    t = g.op("Mul", g.op("Max", m, g.const(128.0), name=name + ".limit"), g.const(1.0 / 128), name=name + ".over")
+    sc = g.op("Reciprocal", t, name=name + ".rescale")  # [.., 1] in [1/512, 1]
+    u = g.op("Mul", x, sc, name=name + ".unit")  # |u| <= 128
+    ms = g.op("ReduceMean", g.op("Mul", u, u, name=name + ".sq"), g.const([-1]), keepdims=1, name=name + ".mean")
+    e = g.op("Mul", sc, g.const(float(np.sqrt(eps))), name=name + ".epsroot")  # sqrt(eps) s
+    rms = g.op("Sqrt", g.op("Add", ms, g.op("Mul", e, e, name=name + ".epssq"), name=name + ".eps"),
+               name=name + ".sqrt")
+    return g.op("Div", u, rms, name=name + ".div")
+
+
 def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: StaticShape | None = None):
     """The decoder as an onnx.ModelProto, op by op (see the module docstring for the contract).
 
@@ -225,11 +254,7 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: St
         wt = g.init(wname, weight.astype(np.float32))
         eps = spec.rms_eps
         if static is not None:
-            # NPUs run this in fp16, where a massive activation (2.3e4 on SmolLM2's first token)
-            # squares past fp16's 65504: normalise x / 256 instead (RMSNorm is scale-invariant
-            # but for eps, which scales along)
-            x = g.op("Mul", x, g.const(NORM_PRESCALE), name=wname + ".prescale")
-            eps = eps * NORM_PRESCALE**2
+            return g.op("Mul", _rms_norm_fp16(g, x, eps, wname), wt, name=wname + ".scale")
         ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0), name=wname + ".pow"), g.const([-1]), keepdims=1,
                   name=wname + ".mean")
         rms = g.op("Sqrt", g.op("Add", ms, g.const(eps), name=wname + ".eps"), name=wname + ".sqrt")
@@ -344,12 +369,14 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: St
         b, s, past, total = "batch", "seq", "past", "total"
         kv_out = [b, nkv, total, hd]
     else:
-        b, s, past, total = 1, static.tokens, static.context, static.context + static.tokens
-        kv_out = [1, nkv, s, hd]
+        b, s, past, total = 1, static.tokens, static.context, static.context  # keys: the C slots
+        kv_out = [s, nkv * hd]
     bias_shape = [b, 1, s, total]
-    kv_in = [b, nkv, past, hd]
+    kv_in = [b, nkv, past, hd] if static is None else [past, nkv * hd]
     types = {"input_ids": (I64, [b, s]), "position_ids": (I64, [b, s]),
              "attention_bias": (F32, bias_shape), "sliding_attention_bias": (F32, bias_shape)}
+    if static is not None:
+        types["kv_slot_source"] = (I64, [static.context])
     for name in input_names(spec, static):
         if name.startswith("rope_"):
             types[name] = (F32, [1, s, 1, hd])
@@ -383,20 +410,40 @@ def _attention(g: _Graph, p: str, i: int, q, k, v, bias, nkv: int, group: int, h
 def _attention_static(g: _Graph, p: str, i: int, q, k, v, bias, nkv: int, group: int, hd: int,
                       static: StaticShape) -> str:
     """The same attention with batch 1 and every tensor of rank <= 4 (StaticShape). q [1, k, nh, hd],
-    k/v [1, k, nkv, hd]; past [1, nkv, C, hd]; bias [1, 1, k, C+k]. Outputs only the new entries
-    (present [1, nkv, k, hd]); returns [1, k, nh * hd]."""
+    k/v [1, k, nkv, hd]; past [C, nkv * hd] (slot-major: writing a slot is a row, and the gather
+    that writes them is the embedding's plain row gather, which HTP runs correctly where a gather
+    along axis 2 of [1, nkv, C+k, hd] gave wrong results); bias [1, 1, k, C]. Outputs only the new
+    entries (present [k, nkv * hd]); returns [1, k, nh * hd].
+
+    The new entries are written into their cache slots inside the graph (slot c reads column
+    kv_slot_source[c] of [past; new]: c, or C + the new row written there), and attention reads the
+    C slots only. So a key sits in the same column whether it came in this call or an earlier one:
+    an NPU's fp16 softmax and value sums then add the same terms in the same order for a token
+    alone, in a chain, in a tree or after keep(), and its logits are bit-identical. (With the new
+    keys in C extra columns, HTP's rows differed by up to 0.08 logits between the two.) Once
+    quantized, past, present and the cache share one 16-bit scale per layer and kind and cross the
+    graph's boundary as integers (sparsedge.quantize.onnx._probe_static, _kv_as_integers): Concat,
+    Slice and Gather then move integers unchanged, and an entry read back from the cache is the one
+    the call computed (HTP hands float outputs over in fp16, which a float cache would round)."""
     s, C = static.tokens, static.context
-    k = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present.{i}.key"])  # [1, nkv, k, hd]
-    v = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present.{i}.value"])
-    kk = g.op("Reshape", g.op("Concat", f"past_key_values.{i}.key", k, axis=2), g.const([nkv, C + s, hd]))
-    vv = g.op("Reshape", g.op("Concat", f"past_key_values.{i}.value", v, axis=2), g.const([nkv, C + s, hd]))
+
+    def write(new: str, kind: str) -> str:  # new [1, k, nkv, hd] -> the cache [C, nkv, hd]
+        new = g.op("Reshape", new, g.const([s, nkv * hd]))
+        both = g.op("Concat", f"past_key_values.{i}.{kind}", new, axis=0, outputs=[f"kv.{i}.{kind}"])  # [C+k, nkv*hd]
+        # present: the new entries as concatenated (on the cache's scale once quantized)
+        g.op("Slice", both, g.const([C]), g.const([C + s]), g.const([0]), outputs=[f"present.{i}.{kind}"])
+        cache = g.op("Gather", both, "kv_slot_source", axis=0, outputs=[f"cache.{i}.{kind}"])  # [C, nkv*hd]
+        return g.op("Reshape", cache, g.const([C, nkv, hd]))
+
+    kk = g.op("Transpose", write(k, "key"), perm=[1, 2, 0])  # [nkv, hd, C]
+    vv = g.op("Transpose", write(v, "value"), perm=[1, 0, 2])  # [nkv, C, hd]
     # queries [k, nh, hd] -> [nkv, group * k, hd]: row (g, t) of head group n
     qq = g.op("Transpose", g.op("Reshape", q, g.const([s, nkv, group, hd])), perm=[1, 2, 0, 3])  # [nkv, g, k, hd]
     qq = g.op("Reshape", qq, g.const([nkv, group * s, hd]))
-    scores = g.op("MatMul", qq, g.op("Transpose", kk, perm=[0, 2, 1]))  # [nkv, g*k, C+k]
-    scores = g.op("Add", g.op("Reshape", scores, g.const([nkv, group, s, C + s])), bias)
-    probs = g.op("Softmax", scores, axis=-1, name=p + "attn")  # [nkv, g, k, C+k]
-    a = g.op("MatMul", g.op("Reshape", probs, g.const([nkv, group * s, C + s])), vv)  # [nkv, g*k, hd]
+    scores = g.op("MatMul", qq, kk)  # [nkv, g*k, C]
+    scores = g.op("Add", g.op("Reshape", scores, g.const([nkv, group, s, C])), bias)
+    probs = g.op("Softmax", scores, axis=-1, name=p + "attn")  # [nkv, g, k, C]
+    a = g.op("MatMul", g.op("Reshape", probs, g.const([nkv, group * s, C])), vv)  # [nkv, g*k, hd]
     a = g.op("Transpose", g.op("Reshape", a, g.const([nkv, group, s, hd])), perm=[2, 0, 1, 3])  # [k, nkv, g, hd]
     return g.op("Reshape", a, g.const([1, s, nkv * group * hd]))
 

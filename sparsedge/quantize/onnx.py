@@ -273,17 +273,21 @@ def _qdq(src: Path, dst: Path, opts: dict[str, Any]) -> int:
     model = _load_meta(src)
     static = "sparsedge.static" in read_metadata(model)
     reader = _CalibReader(src, opts["calib_ids"], opts.get("calib_windows", CALIB_WINDOWS), first=static)
-    exclude = None
+    exclude, overrides = None, opts.get("scales")
     if static:
-        exclude = _float_nodes(model) + _outlier_matmuls(model, src.parent, reader)
+        outliers, kv = _probe_static(model, src.parent, reader, act)
+        exclude = _float_nodes(model) + outliers
         opts["float_nodes"] = len(exclude)
+        overrides = {**kv, **(overrides or {})}  # another graph's scales (which include these) win
         reader.rewind()
     cfg = get_qnn_qdq_config(str(src), reader, activation_type=types[act], weight_type=types[wt],
                              per_channel=opts.get("per_channel", False), nodes_to_exclude=exclude,
-                             init_overrides=opts.get("scales"))
+                             init_overrides=overrides)
     del model
     quantize(str(src), str(dst), cfg)
     model = _load(dst)
+    if static:
+        _kv_as_integers(model)
     _finish(model, src, dst)
     inits = {t.name for t in model.graph.initializer}
     dq_of_init = {n.output[0] for n in model.graph.node
@@ -390,10 +394,20 @@ def _float_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if is_float_node(n.name)]
 
 
-def _outlier_matmuls(model, folder: Path, reader: "_CalibReader") -> list[str]:
-    """Linear MatMuls whose activation input exceeds OUTLIER_INPUT on the calibration samples.
+def _probe_static(model, folder: Path, reader: "_CalibReader", act: str):
+    """One fp32 pass of a static graph over the calibration samples, for what its quantization
+    needs beyond ranges per tensor:
+
+    - the linear MatMuls whose activation input exceeds OUTLIER_INPUT (they stay in float);
+    - one scale per layer and kind for the KV cache: the past input and past and new entries
+      concatenated (sparsedge.export.onnx._attention_static; the present output and the cache
+      are slices of the latter) quantize alike, so that Concat, Slice and Gather move integers
+      unchanged and an entry read back from the
+      cache equals the one computed in the call (what keeps a token's logits independent of the
+      call that brought it). Their range: the union of past inputs and presents seen.
+
     model: the fp32 graph as _load_meta read it from ``folder`` (its weights are loaded and its
-    outputs extended, in place)."""
+    outputs extended, in place). Returns (MatMul names, init_overrides)."""
     import onnx
     import onnxruntime as ort
     from onnx.external_data_helper import load_external_data_for_model
@@ -401,20 +415,87 @@ def _outlier_matmuls(model, folder: Path, reader: "_CalibReader") -> list[str]:
     load_external_data_for_model(model, str(folder))  # a no-op for a graph in one file
     inits = {t.name for t in model.graph.initializer}
     mms = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    watch = list(dict.fromkeys(n.input[0] for n in mms))
     known = {o.name for o in model.graph.output}
+    watch = list(dict.fromkeys(n.input[0] for n in mms))
     model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in watch if t not in known)
+    kv = [o for o in known if o.startswith("present.")]  # present.{i}.key / .value
+    watch += kv
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    peak = dict.fromkeys(watch, 0.0)
+    lo, hi = dict.fromkeys(watch, 0.0), dict.fromkeys(watch, 0.0)  # ranges include 0, as ORT's do
     reader.rewind()
     while (feed := reader.get_next()) is not None:
         for t, v in zip(watch, sess.run(watch, feed)):
-            peak[t] = max(peak[t], float(np.abs(v).max()))
-    return [n.name for n in mms if peak[n.input[0]] > OUTLIER_INPUT]
+            past = feed.get(t.replace("present.", "past_key_values.", 1)) if t in kv else None
+            for a in (v,) if past is None else (v, past):
+                lo[t], hi[t] = min(lo[t], float(a.min())), max(hi[t], float(a.max()))
+    outliers = [n.name for n in mms if max(-lo[n.input[0]], hi[n.input[0]]) > OUTLIER_INPUT]
+    overrides = {}
+    for t in kv:
+        i, kind = t.split(".")[1:]
+        q = _uniform_encoding(lo[t], hi[t], act)
+        for name in (f"past_key_values.{i}.{kind}", f"kv.{i}.{kind}"):  # Slice and Gather share kv's
+            overrides[name] = [q]
+    return outliers, overrides
+
+
+def _kv_as_integers(model) -> None:
+    """Let a quantized static graph take its past KV inputs and give its present outputs as the
+    integers of their QuantizeLinear / DequantizeLinear pairs (uint16 by default) instead of float,
+    in place. Why: QNN HTP hands float outputs over in fp16, which rounds a 16-bit value by up to
+    8 of its steps, so a float cache would not give back the integers the graph computed. Integers
+    also halve the cache and its copies. The encodings stay in the graph (their scale and zero
+    point initializers), shared by past and present (_probe_static)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    drop = []
+    for inp in model.graph.input:
+        if not inp.name.startswith("past_key_values."):
+            continue
+        (q,) = consumers[inp.name]  # input -> QuantizeLinear -> DequantizeLinear(s)
+        if q.op_type != "QuantizeLinear":
+            raise SparsedgeError(f"{inp.name} is not quantized: cannot pass it as integers")
+        for n in consumers[q.output[0]]:
+            n.input[list(n.input).index(q.output[0])] = inp.name
+        inp.type.tensor_type.elem_type = inits[q.input[2]].data_type
+        drop.append(q)
+    for out in model.graph.output:
+        if not out.name.startswith("present."):
+            continue
+        dq = producer[out.name]  # ... -> QuantizeLinear -> DequantizeLinear -> output
+        if dq.op_type != "DequantizeLinear" or consumers.get(out.name):
+            raise SparsedgeError(f"{out.name} is not a quantized graph output: cannot pass it as integers")
+        q = producer[dq.input[0]]
+        for n in consumers[dq.input[0]]:
+            if n is not dq:
+                n.input[list(n.input).index(dq.input[0])] = out.name
+        q.output[0] = out.name
+        out.type.tensor_type.elem_type = inits[dq.input[2]].data_type
+        drop.append(dq)
+    for n in drop:
+        model.graph.node.remove(n)
+    stale = {o for n in drop for o in n.output} | {x.name for x in model.graph.output}
+    for v in [v for v in model.graph.value_info if v.name in stale]:
+        model.graph.value_info.remove(v)
+
+
+def _uniform_encoding(lo: float, hi: float, qtype: str) -> dict[str, Any]:
+    """Scale and zero point of an asymmetric (unsigned) or symmetric (signed) encoding of [lo, hi]
+    (lo <= 0 <= hi), as ONNX Runtime's quantizer computes them from a range."""
+    info = np.iinfo(np.dtype(qtype))
+    if info.min < 0:  # symmetric
+        scale = max(-lo, hi) / ((info.max - info.min) / 2) or 1.0
+        return {"scale": np.array(scale, np.float32), "zero_point": np.array(0, qtype)}
+    scale = (hi - lo) / (info.max - info.min) or 1.0
+    zp = int(np.clip(round(-lo / scale), info.min, info.max))
+    return {"scale": np.array(scale, np.float32), "zero_point": np.array(zp, qtype)}
 
 
 def shared_scales(qdq_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -426,9 +507,13 @@ def shared_scales(qdq_path: Path) -> dict[str, list[dict[str, Any]]]:
 
     model = _load_meta(qdq_path)
     inits = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
     out: dict[str, list[dict[str, Any]]] = {}
     for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+        # an activation's QuantizeLinear, or the DequantizeLinear of an input passed as integers
+        # (_kv_as_integers)
+        if (n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits
+                or n.op_type == "DequantizeLinear" and n.input[0] in inputs):
             scale = numpy_helper.to_array(inits[n.input[1]])
             zp = numpy_helper.to_array(inits[n.input[2]])
             if scale.size == 1:

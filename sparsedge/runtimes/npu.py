@@ -7,9 +7,10 @@ tokens, all over the same fixed cache of C slots: a 1-token graph for decoding a
 call's tokens (padding the rest: a pad sees only itself and its entries are never kept) and splits
 longer calls (prefill, big trees) into chunks.
 
-The KV cache lives here, in numpy, as [1, n_kv, C, hd] per layer and kind: the graphs read all C
-slots (hidden ones masked by the additive bias) and return only their new entries, which are written
-into the next free slots. ``keep`` compacts slots. Rotary tables are computed here, in float (the
+The KV cache lives here, in numpy, as [C, n_kv * hd] per layer and kind (slot-major) (float32 for float graphs,
+the quantized graphs' 16-bit integers for QDQ ones): a graph writes its new entries into the next
+free slots itself, attends over the C slots (hidden ones masked by the additive bias) and returns
+the new entries, which the runtime writes into the same slots. ``keep`` compacts slots. Rotary tables are computed here, in float (the
 graph takes them as inputs; see StaticShape for why).
 
 Why the CPU fallback is disabled on the NPU: ONNX Runtime silently runs every node the NPU cannot
@@ -38,6 +39,8 @@ PROVIDERS = ("qnn", "cpu")
 QNN_OPTIONS = {"backend_type": "htp", "enable_htp_fp16_precision": "1", "soc_model": "43", "htp_arch": "73",
                "htp_performance_mode": "burst"}
 QNN_INSTALL = "pip install onnxruntime-qnn"
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(uint16)": "uint16", "tensor(int16)": "int16",
+              "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
 
 def _qnn_plugin() -> bool:
@@ -119,6 +122,15 @@ class _Graph:
         self.mask_value = np.float32(float(meta.get("sparsedge.mask_value", -1e4)))
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # the cache's element type: float32 for a float graph, the integers of the encoding for a
+        # quantized one (sparsedge.quantize.onnx._kv_as_integers)
+        kv = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
+        if kv not in _ORT_TYPES:
+            raise SparsedgeError(f"{path}: a KV cache of type {kv} is not supported")
+        self.kv_dtype = np.dtype(_ORT_TYPES[kv])
+        if "kv_slot_source" not in self.inputs:  # earlier graphs attended over C + k columns
+            raise SparsedgeError(f"{path} is a static graph of an older layout (no kv_slot_source input): "
+                                 "export the artifact again")
         self.providers = self.session.get_providers()
 
 
@@ -131,13 +143,14 @@ class NpuRuntime:
 
     exact: run every call through one graph (the largest), so that a token's logits never depend
     on how many tokens its call carried. One graph's rows are bit-identical whether a token comes
-    alone, in a chain or in a tree, and after keep() (on the CPU provider; on QNN HTP for a tiny
-    model, while on SmolLM2 at context 512 HTP's rows differ at the last bit between a context held
-    in past slots and in new columns, enough to part at near-ties), but two graphs' are not: the 1-token and 8-token graphs differ by up to 0.1 logits on HTP
-    (other tilings, fp16 sums), enough to flip a near-tie, and speculative output would then differ
-    from plain greedy. None (default): probe at load and use every graph only if their rows agree
-    bit for bit. False: the smallest graph per call (fastest plain decoding; speculative decoding
-    then verifies chains only and may differ from plain greedy at near-ties).
+    alone, in a chain or in a tree, and after keep(), on the CPU provider and on QNN HTP (the graph
+    writes new entries into their cache slots and the cache crosses the graph's boundary as
+    integers: sparsedge.export.onnx._attention_static), but two graphs' are not: the 1-token and
+    8-token graphs differ by up to 0.08 logits on HTP (other tilings of the fp16 ops), enough to
+    flip a near-tie, and speculative output would then differ from plain greedy. None (default):
+    probe at load and use every graph only if their rows agree bit for bit. False: the smallest
+    graph per call (fastest plain decoding; speculative decoding then verifies chains only and may
+    differ from plain greedy at near-ties).
     """
 
     name = "npu"
@@ -161,7 +174,7 @@ class NpuRuntime:
         self.graphs = sorted(loaded, key=lambda g: g.tokens)  # smallest first
         g0 = self.graphs[0]
         for g in self.graphs[1:]:
-            if g.context != g0.context or g.spec != g0.spec:
+            if g.context != g0.context or g.spec != g0.spec or g.kv_dtype != g0.kv_dtype:
                 raise SparsedgeError(f"{g.path.name} and {g0.path.name} are not graphs of the same model and context")
         if len({g.tokens for g in self.graphs}) != len(self.graphs):
             raise SparsedgeError("two static graphs take the same number of tokens")
@@ -203,20 +216,22 @@ class NpuRuntime:
 
     def reset(self) -> None:
         s = self.spec
-        # [2 * n_layers] arrays [1, n_kv, C, hd]: key then value of each layer
-        self._kv = [np.zeros((1, s.n_kv_heads, self.context, s.head_dim), np.float32) for _ in range(2 * s.n_layers)]
+        # [2 * n_layers] arrays [C, n_kv * hd]: key then value of each layer
+        dt = self.graphs[0].kv_dtype
+        self._kv = [np.zeros((self.context, s.n_kv_heads * s.head_dim), dt) for _ in range(2 * s.n_layers)]
         self._pos = np.zeros(self.context, np.int64)  # position of each slot
         self._n = 0
         self._last: tuple[int, int] | None = None
 
     # ---- graph inputs ------------------------------------------------------------------------
     def _bias(self, allowed: np.ndarray) -> np.ndarray:
-        """bool [T, C+T] -> additive float32 [1, 1, T, C+T]."""
+        """bool [T, C] -> additive float32 [1, 1, T, C]."""
         return additive_bias(allowed, self.mask_value)
 
     def _chunk_feed(self, g: _Graph, toks, pos, vis_new) -> dict[str, np.ndarray]:
         """Inputs of one call of graph g for n <= g.tokens new tokens. toks/pos [n]; vis_new bool
-        [n, n_past + n]: which cache slots (0..n_past-1) and which of these tokens each one sees."""
+        [n, n_past + n]: which cache slots (0..n_past-1) and which of these tokens (slots n_past..)
+        each one sees."""
         from ..export.onnx import rope_tables
 
         T, C, n, start = g.tokens, self.context, toks.shape[0], self._n
@@ -224,14 +239,17 @@ class NpuRuntime:
         ids[:n] = toks
         p = np.full(T, pos[-1], np.int64)
         p[:n] = pos
-        vis = np.zeros((T, C + T), dtype=bool)
-        vis[:n, :start] = vis_new[:, :start]
-        vis[:n, C : C + n] = vis_new[:, start:]
-        vis[np.arange(n, T), C + np.arange(n, T)] = True  # a pad sees only itself
-        feed = {"input_ids": ids[None], "attention_bias": self._bias(vis)}
+        # the graph writes new row t into slot start + t and attends over the C slots; a pad writes
+        # nothing and sees nothing (an all-hidden row: a uniform softmax, finite, and dropped)
+        vis = np.zeros((T, C), dtype=bool)
+        vis[:n, : start + n] = vis_new
+        source = np.arange(C, dtype=np.int64)  # slot c: column c of [past (C); new (T)] ...
+        source[start : start + n] = C + np.arange(n)  # ... or the new row written there
+        feed = {"input_ids": ids[None], "attention_bias": self._bias(vis), "kv_slot_source": source}
         if self._sliding:  # key visible if q_pos - k_pos < window, as torch_model does
             win = self.spec.sliding_window
-            kpos = np.concatenate([self._pos, p])
+            kpos = self._pos.copy()
+            kpos[start : start + n] = pos
             feed["sliding_attention_bias"] = self._bias(vis & ((p[:, None] - kpos[None, :]) < win))
         for j, (cos, sin) in enumerate(rope_tables(self.spec, p)):
             feed[f"rope_cos.{j}"], feed[f"rope_sin.{j}"] = cos, sin
@@ -275,8 +293,8 @@ class NpuRuntime:
         while done < k:
             g, n, feed = self._chunk(start, toks, pos, mask, done)
             res = g.session.run(g.outputs, feed)
-            for j in range(2 * self.spec.n_layers):  # present.* [1, n_kv, T, hd] -> slots
-                self._kv[j][:, :, self._n : self._n + n] = res[1 + j][:, :, :n]
+            for j in range(2 * self.spec.n_layers):  # present.* [T, n_kv * hd] -> slots
+                self._kv[j][self._n : self._n + n] = res[1 + j][:n]
             self._pos[self._n : self._n + n] = pos[done : done + n]
             self._n += n
             out.append(res[0][0, :n])
@@ -291,7 +309,7 @@ class NpuRuntime:
         idx = check_keep_indices(indices, k)
         src = start + idx
         for a in self._kv:
-            a[:, :, start : start + idx.size] = a[:, :, src]  # fancy index on the right: a copy first
+            a[start : start + idx.size] = a[src]  # fancy index on the right: a copy first
         self._pos[start : start + idx.size] = self._pos[src]
         self._n = start + idx.size
         self._last = (start, idx.size)

@@ -74,8 +74,9 @@ def test_static_graph_fits_an_npu(static_pair):
     ins = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
     assert "position_ids" not in ins and ins["rope_cos.0"][1] == 4
-    assert ins["attention_bias"] == [1, 1, 4, 36] and ins["past_key_values.0.key"][2] == 32
-    assert outs["present.0.key"][2] == 4
+    assert ins["attention_bias"] == [1, 1, 4, 32] and ins["past_key_values.0.key"][0] == 32
+    assert ins["kv_slot_source"] == [32]
+    assert outs["present.0.key"][0] == 4
     for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
         dims = v.type.tensor_type.shape.dim
         assert all(d.dim_value > 0 for d in dims), v.name  # static
@@ -229,35 +230,31 @@ def real_npu(real_model, tmp_path_factory):
 @pytest.mark.slow
 @needs_qnn
 def test_real_model_on_the_emulated_htp(real_npu):
-    """On QNN HTP with the CPU fallback disabled: greedy tokens agree with the CPU provider's on the
-    same QDQ graphs, the text is coherent, and speculative decoding verified with the 8-token graph
-    follows HTP greedy (parting only at near-ties, see below).
+    """On QNN HTP with the CPU fallback disabled: greedy tokens match the CPU provider's on the same
+    QDQ graphs for all 16 tokens on >= 4 of 5 prompts, the text is coherent, and speculative
+    decoding verified with the 8-token graph gives HTP's own greedy tokens exactly.
 
-    Issue 7 asks for all 16 greedy tokens to match on >= 4 of 5 prompts; measured here they do on 2
-    of 5: HTP and the CPU provider are ~0.3 logits apart on average (2-2.7 at most) and 16-token
-    continuations of this model hold near-ties (top-2 gaps of 0.01-0.2) where they part. 16-bit
-    weights do not close it (HTP-CPU mean distance 0.41 vs 0.38). What is asserted is what holds:
-    >= 80% of the 80 teacher-forced positions agree (a broken graph or backend agrees on few).
+    Measured: 4 of 5 prompts, 79 of 80 positions; the one parting is at a top-2 gap of 0.085 (HTP
+    and the CPU provider are 0.13-0.35 logits apart on average: HTP runs the float ops in fp16).
 
     HTP greedy is read teacher-forced: one pass of the 8-token graph over the prompt and the CPU's
     16 tokens (3 emulator calls instead of 16, at ~25 s each). A token's logits on one graph are
-    bit-identical whether it comes alone or in a chain (test_npu_rows_are_exact_whatever_the_call),
-    so HTP greedy decoding produces the CPU's tokens exactly when its argmax at each position is the
-    CPU's next token, and otherwise the CPU's tokens up to the first mismatch, then HTP's argmax."""
+    bit-identical whether it comes alone, in a chain or in a tree (the graph writes new entries
+    into their cache slots, test_npu_rows_are_exact_whatever_the_call), so HTP greedy decoding
+    produces the CPU's tokens exactly when its argmax at each position is the CPU's next token, and
+    otherwise the CPU's tokens up to the first mismatch, then HTP's argmax: what speculative
+    decoding on HTP must reproduce."""
     from sparsedge.runtimes.decoding.drafters.model import RuntimeDrafter
 
     art = real_npu["art"]
     cpu = open_runtime(art, "npu", provider="cpu")
     htp = open_runtime(art, "npu", exact=True)  # the 8-token graph for every call, as the default would
-    assert htp.providers[0] == "QNNExecutionProvider" and [g.tokens for g in htp._use] == [8]
+    assert htp.providers[0] == "QNNExecutionProvider" and [g.tokens for g in htp._use] == [8] and htp.exact_trees
     cfg = GenerationConfig(max_new_tokens=16)
-    same, agree, texts, htp_greedy, gaps = [], 0, [], [], []
+    same, agree, texts, htp_greedy = [], 0, [], []
     for p in real_npu["prompts"]:
         want = list(generate(cpu, p, cfg))
         texts.append(art.tokenizer.decode(want))
-        cpu.reset()
-        top2 = np.sort(cpu.forward(p + want[:-1])[len(p) - 1 :], axis=1)[:, -2:]
-        gaps.append(top2[:, 1] - top2[:, 0])  # [16] the CPU's top-2 logit gap at each new token
         htp.reset()
         got = htp.forward(p + want[:-1]).argmax(1)[len(p) - 1 :].tolist()
         same.append(got == want)
@@ -265,23 +262,17 @@ def test_real_model_on_the_emulated_htp(real_npu):
         j = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
         htp_greedy.append(want[:j] + got[j : j + 1])  # what HTP greedy decoding produces, as far as known
     print(f"HTP greedy = CPU greedy for 16 tokens on {sum(same)} of 5 prompts; {agree} of 80 positions agree")
-    assert agree >= 64, (agree, same, texts)
+    assert sum(same) >= 4, (same, agree, texts)
     assert "Paris" in texts[0] and "return" in texts[1], texts
 
     # speculative decoding on HTP: drafts from the same graphs on the CPU provider (mostly
-    # accepted: 7 per verification), verified on HTP. Its output should be HTP's greedy; on the
-    # tiny model it is bit for bit (test_npu_rows_are_exact_whatever_the_call), but on this model
-    # HTP's rows differ at the last bit between a context held in past slots and in new columns
-    # (measured: 1 of 2 x 16 tokens parted, at a top-2 gap of 0.2), so what is asserted is that the
-    # two part only at near-ties.
+    # accepted), verified on HTP: its output is HTP's greedy, token for token
     dr = RuntimeDrafter(open_runtime(art, "npu", provider="cpu", exact=True), "model", max_depth=7)
     st = SpecStats()
-    for p, greedy, gap in list(zip(real_npu["prompts"], htp_greedy, gaps))[:2]:
+    for p, greedy in list(zip(real_npu["prompts"], htp_greedy))[:2]:
         out = list(speculative_generate(htp, p, cfg, dr, SpecConfig(mode="spec", budget=7, cost=FLAT), st))
-        d = next((i for i, (a, b) in enumerate(zip(out, greedy)) if a != b), len(greedy))
-        print(f"speculative = HTP greedy for the first {d} of {len(greedy)} known tokens")
-        assert d == len(greedy) or gap[d] < 0.3, (d, float(gap[d]))
-    assert st.steps <= 16  # 2 x 16 tokens in far fewer HTP calls than tokens
+        assert out[: len(greedy)] == greedy
+    assert st.steps <= 12  # 2 x 16 tokens in far fewer HTP calls than tokens
 
 
 def test_cli_runs_the_npu_artifact(tiny_npu, capsys):
