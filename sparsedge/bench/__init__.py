@@ -43,7 +43,7 @@ class BenchConfig:
     prompts: int = 0  # first N prompts of the suite (0: all)
     max_new_tokens: int = 128  # per prompt, no stop tokens: every prompt decodes exactly this many
     repeats: int = 3  # figures are medians over repeats
-    warmup_tokens: int = 16
+    warmup_tokens: int = 16  # per drafter warm-up; the runtime itself warms up on 2 full-length generations
     ppl_tokens: int = 4096  # held-out tokens for perplexity / top-1 agreement (0: skip)
     ppl_window: int = 512
     reference: bool = True  # the dense model on the torch reference: the perplexity everything is compared to

@@ -302,12 +302,16 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
             return st, toks
         return spec
 
-    # warm-up: page the weights in, measure the cost curve of speculative decoding (cached per runtime)
+    # warm-up: page the weights in, let the runtime's buffers grow to a measured generation's
+    # length (ONNX Runtime and GenAI allocate as the cache grows: a first prompt measured after a
+    # short warm-up came out slow in every round), measure the cost curve of speculative decoding
     warm_cfg = GenerationConfig(max_new_tokens=job["warmup_tokens"])
-    if hasattr(rt, "generate"):
-        rt.generate(prompts[0], warm_cfg)
-    else:
-        list(generate(rt, prompts[0], warm_cfg))
+    full_cfg = GenerationConfig(max_new_tokens=max(job["warmup_tokens"], job["max_new_tokens"]))
+    for _ in range(2):
+        if hasattr(rt, "generate"):
+            rt.generate(prompts[0], full_cfg)
+        else:
+            list(generate(rt, prompts[0], full_cfg))
     mode: dict[Decode, str] = {}
     curve: dict[Decode, dict] = {}
     for d in decodes:

@@ -102,7 +102,7 @@ def markdown(r: dict) -> str:
              f"Settings: {len(s['prompt_ids'])} prompts of the suite ({', '.join(s['prompt_ids'])}; "
              f"{min(s['prompt_tokens'], default=0)}-{max(s['prompt_tokens'], default=0)} prompt tokens), "
              f"{s['max_new_tokens']} new tokens each (no stop tokens), {s['repeats']} repeats (medians per prompt over "
-             f"repeats; min-max of the repeats' figures in brackets), warm-up {s['warmup_tokens']} tokens, threads {s['threads_used']}, GGUF {s['gguf_quant']}, "
+             f"repeats; min-max of the repeats' figures in brackets), warm-up 2 generations of {max(s['warmup_tokens'], s['max_new_tokens'])} tokens (drafters {s['warmup_tokens']}), threads {s['threads_used']}, GGUF {s['gguf_quant']}, "
              f"ONNX {s['onnx_quant']}, draft budget {s['budget']}, drafters warmed on {s['warm']} corpus tokens; "
              f"perplexity over {s['ppl_tokens']} held-out tokens in windows of {s['ppl_window']}.", ""]
     ref = r.get("reference")

@@ -402,9 +402,9 @@ def _probe_static(model, folder: Path, reader: "_CalibReader", act: str):
     - one scale per layer and kind for the KV cache: the past input and past and new entries
       concatenated (sparsedge.export.onnx._attention_static; the present output and the cache
       are slices of the latter) quantize alike, so that Concat, Slice and Gather move integers
-      unchanged and an entry read back from the
-      cache equals the one computed in the call (what keeps a token's logits independent of the
-      call that brought it). Their range: the union of past inputs and presents seen.
+      unchanged and an entry read back from the cache equals the one computed in the call (what
+      keeps a token's logits independent of the call that brought it). Their range: the union of
+      the past inputs and presents seen.
 
     model: the fp32 graph as _load_meta read it from ``folder`` (its weights are loaded and its
     outputs extended, in place). Returns (MatMul names, init_overrides)."""
@@ -459,9 +459,10 @@ def _kv_as_integers(model) -> None:
     for inp in model.graph.input:
         if not inp.name.startswith("past_key_values."):
             continue
-        (q,) = consumers[inp.name]  # input -> QuantizeLinear -> DequantizeLinear(s)
-        if q.op_type != "QuantizeLinear":
-            raise SparsedgeError(f"{inp.name} is not quantized: cannot pass it as integers")
+        qs = consumers.get(inp.name, [])  # input -> QuantizeLinear -> DequantizeLinear(s)
+        if len(qs) != 1 or qs[0].op_type != "QuantizeLinear":
+            raise SparsedgeError(f"{inp.name} is not quantized once: cannot pass it as integers")
+        q = qs[0]
         for n in consumers[q.output[0]]:
             n.input[list(n.input).index(q.output[0])] = inp.name
         inp.type.tensor_type.elem_type = inits[q.input[2]].data_type

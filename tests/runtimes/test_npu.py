@@ -131,6 +131,16 @@ def test_npu_export_writes_two_graphs_with_shared_scales(tiny_npu):
     a, b = shared_scales(folder / "model.k1.onnx"), shared_scales(folder / "model.k4.onnx")
     assert len(a) > 50 and a.keys() == b.keys()
     assert all(float(a[t][0]["scale"]) == float(b[t][0]["scale"]) for t in a)
+    assert all(int(a[t][0]["zero_point"]) == int(b[t][0]["zero_point"]) for t in a)
+    # the KV cache crosses the graph boundary as uint16 integers, on one encoding per layer and
+    # kind: past input = the concatenation that the present output and the cache slice
+    m = onnx.load(str(folder / "model.k4.onnx"), load_external_data=False)
+    kv = [v for v in list(m.graph.input) + list(m.graph.output) if v.name.startswith(("past_", "present."))]
+    assert kv and all(v.type.tensor_type.elem_type == onnx.TensorProto.UINT16 for v in kv)
+    for i in range(tiny_npu["art"].spec.n_layers):
+        for kind in ("key", "value"):
+            assert float(b[f"past_key_values.{i}.{kind}"][0]["scale"]) == float(b[f"kv.{i}.{kind}"][0]["scale"])
+            assert float(b[f"cache.{i}.{kind}"][0]["scale"]) == float(b[f"kv.{i}.{kind}"][0]["scale"])
 
 
 def _rows(rt, prompt):
