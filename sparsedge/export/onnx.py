@@ -198,12 +198,14 @@ def _rms_norm_fp16(g: "_Graph", x: str, eps: float, name: str) -> str:
     and flush its subnormals (< 6.1e-5) to zero, as QNN HTP does.
 
     SmolLM2's massive activation (2.3e4) squares past fp16's 65504; scaling every row down by a
-    constant (x / 256, as this graph once did) pushes a typical token's squares below 6.1e-5, and
+    constant (x / 256, as this graph once did) pushes a quiet token's squares below 6.1e-5, and
     dividing by the row's largest magnitude m takes 1/m to zero (measured on the emulated HTP: 9%
-    error on a row of magnitude 0.003 with x / 256, 100% on the massive row with x / m). So only rows with m > 128 are scaled, by s = 128 / max(m, 128)
-    >= 0.002: their squares stay <= 128^2 and their mean >= 128^2 / H, while other rows keep their
-    own squares. Exact for any s > 0:  x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps s^2),
-    u = x s. Shapes: x [.., H] -> [.., H]."""
+    error on a row of magnitude 0.003 with x / 256, 100% on the massive row with x / m). So only
+    rows with m > 128 are scaled, by s = 128 / max(m, 128) >= 0.002: their squares stay <= 128^2
+    and their mean >= 128^2 / H, while other rows keep their own squares (HTP: <= 0.2% error on
+    every row). Exact for any s > 0:
+        x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps s^2),  u = x s.
+    Shapes: x [.., H] -> [.., H]."""
     m = g.op("ReduceMax", g.op("Abs", x, name=name + ".abs"), g.const([-1]), keepdims=1, name=name + ".absmax")
     # s = 1 / (max(m, 128) / 128): HTP divides by multiplying with a reciprocal, and 1 / m itself
     # (4e-5 for m = 2.3e4) would be flushed to zero

@@ -4,14 +4,15 @@ execution provider (Qualcomm's QNN HTP), or on ONNX Runtime's CPU provider as it
 An NPU compiles a graph once for fixed shapes, so an artifact carries one graph per number of new
 tokens, all over the same fixed cache of C slots: a 1-token graph for decoding and a k-token graph
 (k = 8 by default) for verifying a draft tree. ``forward`` picks the smallest graph that holds the
-call's tokens (padding the rest: a pad sees only itself and its entries are never kept) and splits
-longer calls (prefill, big trees) into chunks.
+call's tokens (padding the rest: a pad sees and writes nothing) and splits longer calls (prefill,
+big trees) into chunks.
 
-The KV cache lives here, in numpy, as [C, n_kv * hd] per layer and kind (slot-major) (float32 for float graphs,
-the quantized graphs' 16-bit integers for QDQ ones): a graph writes its new entries into the next
-free slots itself, attends over the C slots (hidden ones masked by the additive bias) and returns
-the new entries, which the runtime writes into the same slots. ``keep`` compacts slots. Rotary tables are computed here, in float (the
-graph takes them as inputs; see StaticShape for why).
+The KV cache lives here, in numpy, slot-major as [C, n_kv * hd] per layer and kind (float32 for
+float graphs, the 16-bit integers of their encoding for QDQ ones): a graph writes its new entries
+into the next free slots itself, attends over the C slots (hidden ones masked by the additive
+bias) and returns the new entries, which the runtime writes into the same slots. ``keep`` compacts
+slots. Rotary tables are computed here, in float (the graph takes them as inputs; see StaticShape
+for why).
 
 Why the CPU fallback is disabled on the NPU: ONNX Runtime silently runs every node the NPU cannot
 take on the CPU, and a graph that ran on the CPU must not pass for an NPU result. With
