@@ -82,9 +82,9 @@ class StaticShape:
       angles of up to C radians would lose their precision, and Sin/Cos need no NPU support;
     - attention is written with tensors of rank <= 4 (HTP kernels stop at rank 4);
     - attention reads the C cache slots only, the new entries written into theirs inside the graph
-      (input ``kv_slot_source`` int64 [C]: slot c takes column kv_slot_source[c] of the past and
-      new entries concatenated, c or C + a new row; ``attention_bias`` is [1, 1, k, C]), so that a key's
-      column does not depend on which call brought it (_attention_static says why that matters);
+      (input ``kv_slot_source`` int64 [C]: slot c takes row kv_slot_source[c] of the past and new
+      entries concatenated, c or C + a new row; ``attention_bias`` is [1, 1, k, C]), so that a
+      key's column does not depend on which call brought it (_attention_static says why it matters);
     - the cache is slot-major: ``past_key_values.{i}.*`` [C, n_kv * hd], and ``present.{i}.*`` the k
       new entries only, [k, n_kv * hd]: the runtime owns the fixed-size cache and writes them into
       the same slots (no C-sized copy out of the graph).
@@ -417,7 +417,7 @@ def _attention_static(g: _Graph, p: str, i: int, q, k, v, bias, nkv: int, group:
     along axis 2 of [1, nkv, C+k, hd] gave wrong results); bias [1, 1, k, C]. Outputs only the new
     entries (present [k, nkv * hd]); returns [1, k, nh * hd].
 
-    The new entries are written into their cache slots inside the graph (slot c reads column
+    The new entries are written into their cache slots inside the graph (slot c reads row
     kv_slot_source[c] of [past; new]: c, or C + the new row written there), and attention reads the
     C slots only. So a key sits in the same column whether it came in this call or an earlier one:
     an NPU's fp16 softmax and value sums then add the same terms in the same order for a token

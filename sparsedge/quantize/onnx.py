@@ -385,8 +385,9 @@ OUTLIER_INPUT = 256.0
 
 def _float_nodes(model) -> list[str]:
     """Nodes of a static graph that stay in float when it is quantized: every RMSNorm op, the
-    residual adds and the weights' column scales (sparsedge.export.onnx.is_float_node). The residual stream carries SmolLM2's massive activation (2.3e4 in one channel on
-    the first token, < 100 elsewhere): one 16-bit scale over it is too coarse for every other token,
+    residual adds and the weights' column scales (sparsedge.export.onnx.is_float_node). The
+    residual stream carries SmolLM2's massive activation (2.3e4 in one channel on the first token,
+    < 100 elsewhere): one 16-bit scale over it is too coarse for every other token,
     and clipping it breaks the attention sink that all later tokens rely on (top-1 agreement with
     fp32: 0-3%). fp16 holds both ends; the NPU runs these ops in fp16, the matmuls in A16W8."""
     from ..export.onnx import is_float_node

@@ -132,8 +132,9 @@ def test_npu_export_writes_two_graphs_with_shared_scales(tiny_npu):
     assert len(a) > 50 and a.keys() == b.keys()
     assert all(float(a[t][0]["scale"]) == float(b[t][0]["scale"]) for t in a)
     assert all(int(a[t][0]["zero_point"]) == int(b[t][0]["zero_point"]) for t in a)
-    # the KV cache crosses the graph boundary as uint16 integers, on one encoding per layer and
-    # kind: past input = the concatenation that the present output and the cache slice
+    # the KV cache crosses the graph boundary as uint16 integers; per layer and kind, the past
+    # input, the concatenation of past and new entries, and the cache gathered from it (the present
+    # output is a slice of it too) share one encoding
     m = onnx.load(str(folder / "model.k4.onnx"), load_external_data=False)
     kv = [v for v in list(m.graph.input) + list(m.graph.output) if v.name.startswith(("past_", "present."))]
     assert kv and all(v.type.tensor_type.elem_type == onnx.TensorProto.UINT16 for v in kv)
