@@ -489,15 +489,13 @@ def _kv_as_integers(model) -> None:
 
 
 def _uniform_encoding(lo: float, hi: float, qtype: str) -> dict[str, Any]:
-    """Scale and zero point of an asymmetric (unsigned) or symmetric (signed) encoding of [lo, hi]
-    (lo <= 0 <= hi), as ONNX Runtime's quantizer computes them from a range."""
+    """Scale and zero point of [lo, hi] in ``qtype``, by ONNX Runtime's own computation of an
+    activation's encoding from its range (asymmetric, as get_qnn_qdq_config quantizes them)."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
     info = np.iinfo(np.dtype(qtype))
-    if info.min < 0:  # symmetric
-        scale = max(-lo, hi) / ((info.max - info.min) / 2) or 1.0
-        return {"scale": np.array(scale, np.float32), "zero_point": np.array(0, qtype)}
-    scale = (hi - lo) / (info.max - info.min) or 1.0
-    zp = int(np.clip(round(-lo / scale), info.min, info.max))
-    return {"scale": np.array(scale, np.float32), "zero_point": np.array(zp, qtype)}
+    zp, scale = compute_scale_zp(np.float32(lo), np.float32(hi), np.array(info.min, qtype), np.array(info.max, qtype))
+    return {"scale": np.asarray(scale, np.float32).reshape(()), "zero_point": np.asarray(zp, qtype).reshape(())}
 
 
 def shared_scales(qdq_path: Path) -> dict[str, list[dict[str, Any]]]:
