@@ -9,7 +9,9 @@ for every runtime x variant: perplexity. Prints each figure's relative differenc
 widest per kind, and exits 1 when one exceeds --limit (issue 7 asks for 10%).
 
 Why the speedups apart: a host that runs slower during all of one run (this shared VM drifts by
-~10% over minutes) moves every absolute figure of that run alike, and the ratios not.
+~10% over minutes) moves every absolute figure of that run alike, and the ratios not. It also prints
+the host's memory bandwidth as each report measured it between jobs (host_probe): when it differs
+between the runs, so will the speeds, whatever the build.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
         if x is not None and x > widest.get("ppl", (-1.0, ""))[0]:
             widest["ppl"] = (x, f"{r['runtime']} / {r['variant']}")
     print()
+    ha, hb = ((r.get("host_probe") or {}).get("gbps_median") for r in (ra, rb))
+    if ha and hb:
+        print(f"host memory bandwidth between jobs (median): {ha:.1f} -> {hb:.1f} GB/s ({100 * (hb - ha) / ha:+.1f}%)")
     worst = 0.0
     for f, (r, where) in widest.items():
         print(f"widest {f}: {100 * r:.1f}% ({where})")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparsedgeError
+from .host import BandwidthProbe
 from .measure import Decode, job_units, measure_job, merge_rounds
 from .prepare import RECIPE_RUNTIMES, RecipeSpec, Variant, select_runtimes
 
@@ -230,6 +231,10 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
     per_round = [{**j, "repeats": 1} for j in jobs]
     later = [{**j, "ppl": None} for j in per_round]
     runs: list[list[dict]] = [[] for _ in jobs]
+    # the host's memory bandwidth around every job process (host.BandwidthProbe): what tells a
+    # rerun on a busier host from a slower build
+    probe = BandwidthProbe()
+    last = probe.measure()
     with tqdm(total=sum(job_units(j) for j in per_round) + (rounds - 1) * sum(job_units(j) for j in later),
               desc="bench", unit="step", file=sys.stderr, disable=not progress) as bar:
         for r in range(rounds):
@@ -239,14 +244,17 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
                 bar.set_postfix_str(f"{job['label']} (round {r + 1}/{rounds})")
                 if job["label"] in curves:
                     job = {**job, "cost_curves": curves[job["label"]]}
-                runs[i].append(_run_job(job, work, cfg.isolate, bar))
+                res = _run_job(job, work, cfg.isolate, bar)
+                now = probe.measure()
+                res["host_gbps"], last = (last + now) / 2, now
+                runs[i].append(res)
                 if r == 0 and "error" not in runs[i][0]:
                     curves[job["label"]] = {d["decode"]: d["cost_curve"] for d in runs[i][0]["decodes"]
                                             if d.get("cost_curve")}
         curves_file.write_text(json.dumps(curves, indent=1))
     results = [next((x for x in rr if "error" in x), None) or merge_rounds(rr) for rr in runs]
     report = assemble(model, cfg, results, plan, notes, [p["id"] for p in suite], [len(p) for p in prompts],
-                      elapsed_s=time.perf_counter() - t0)
+                      elapsed_s=time.perf_counter() - t0, host_probe=probe.summary())
     write(report, out)
     return report
 

@@ -200,6 +200,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
                                  "identical": all(e["identical"] for e in entries),
                                  "identical_prompts": min(e["identical_prompts"] for e in entries)})
     first["load_peak_rss_mb"] = max(r["load_peak_rss_mb"] for r in rounds)
+    first["host_gbps"] = [r["host_gbps"] for r in rounds if r.get("host_gbps") is not None]  # one per round
     first["rounds"] = len(rounds)
     return first
 

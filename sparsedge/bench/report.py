@@ -30,7 +30,7 @@ def _agree(a, b) -> float | None:
 
 
 def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], prompt_ids: list[str],
-             prompt_lengths: list[int], elapsed_s: float) -> dict:
+             prompt_lengths: list[int], elapsed_s: float, host_probe: dict | None = None) -> dict:
     from .. import __version__
     from .host import host, versions
 
@@ -45,6 +45,8 @@ def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], promp
     runs, configs = [], []
     for (rt, var), j in jobs.items():
         q = j["ppl"] or {}
+        gbps = j.get("host_gbps") or []  # the host's memory bandwidth around each round's process
+        host_gbps = float(np.median(gbps)) if gbps else None
         quality = {"ppl": q.get("ppl"),
                    "ppl_vs_dense": q["ppl"] / dense_ppl[rt] if q.get("ppl") and dense_ppl.get(rt) else None,
                    "ppl_vs_reference": q["ppl"] / ref_ppl["ppl"] if q.get("ppl") and ref_ppl else None,
@@ -52,11 +54,12 @@ def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], promp
                    "top1_vs_reference": _agree(q.get("argmax"), ref_ppl and ref_ppl["argmax"])}
         runs.append({"runtime": rt, "variant": var, "file": j["runtime_file"], "load_s": j["load_s"],
                      "load_peak_rss_mb": j["load_peak_rss_mb"], "base_rss_mb": j["base_rss_mb"], "exact_trees": j["exact_trees"],
-                     "eval_tokens": q.get("eval_tokens"), "ppl_peak_rss_mb": q.get("peak_rss_mb"), **quality})
+                     "eval_tokens": q.get("eval_tokens"), "ppl_peak_rss_mb": q.get("peak_rss_mb"),
+                     "host_gbps": host_gbps, "host_gbps_rounds": gbps, **quality})
         for d in j["decodes"]:
             configs.append({"runtime": rt, "variant": var, "decode": d["decode"], "mode": d["mode"],
                             "drafter": d["drafter"], **{k: d.get(k) for k in _DECODE_KEYS}, **quality,
-                            "repeats": [r["decode_tok_s"] for r in d["repeats"]]})
+                            "repeats": [r["decode_tok_s"] for r in d["repeats"]], "host_gbps": host_gbps})
     base = {(c["runtime"], c["variant"]): c["decode_tok_s"] for c in configs if c["decode"] == "greedy"}
     llama = base.get(("llamacpp", "dense"))
     for c in configs:
@@ -67,7 +70,7 @@ def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], promp
     return {
         "format": 1, "sparsedge_version": __version__, "model": model,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "elapsed_s": round(elapsed_s, 1),
-        "host": host(), "versions": versions(),
+        "host": host(), "host_probe": host_probe, "versions": versions(),
         "settings": {**cfg.to_dict(), "prompt_ids": prompt_ids, "prompt_tokens": prompt_lengths,
                      "threads_used": next((j.get("threads") for j in ok), cfg.threads)},
         "memory_method": memory[0] if len(memory) == 1 else memory,
@@ -87,6 +90,18 @@ def write(report: dict, out: Path) -> None:
     (out / FILES["md"]).write_text(markdown(report))
 
 
+def _host_state(p: dict | None) -> list[str]:
+    """The markdown lines on the host's state during the run (host.BandwidthProbe), if measured."""
+    if not p or not p.get("probes"):
+        return []
+    steal = p.get("cpu_steal")
+    return [f"Host state during the run: memory bandwidth {p['gbps_median']:.1f} GB/s (median of {p['probes']} "
+            f"probes between jobs, {p['gbps_min']:.1f}-{p['gbps_max']:.1f})"
+            + ("" if steal is None else f", CPU steal {100 * steal:.1f}%")
+            + ". Other work on the host lowers both this and every speed figure: compare runs whose "
+              "bandwidth agrees.", ""]
+
+
 def _f(x, fmt: str = "{:.1f}", none: str = "n/a") -> str:
     return none if x is None else fmt.format(x)
 
@@ -99,6 +114,7 @@ def markdown(r: dict) -> str:
              f"features {', '.join(h['features']) or 'none'}, native kernels {h['runtimes'].get('native', 'n/a')}, "
              f"load average at the end {', '.join(map(str, h.get('load_avg', [])))}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".", "",
+             *_host_state(r.get("host_probe")),
              f"Settings: {len(s['prompt_ids'])} prompts of the suite ({', '.join(s['prompt_ids'])}; "
              f"{min(s['prompt_tokens'], default=0)}-{max(s['prompt_tokens'], default=0)} prompt tokens), "
              f"{s['max_new_tokens']} new tokens each (no stop tokens), {s['repeats']} repeats (medians per prompt over "

@@ -80,6 +80,62 @@ def test_figures_are_sane_and_consistent(run):
             assert c["vs_llamacpp"] == 1.0
 
 
+def test_host_bandwidth_is_probed_around_every_job_process(run):
+    out, report, cfg = run
+    p = report["host_probe"]
+    # one probe before the first job, one after each job run: the reference once (perplexity
+    # only, not repeated), every other runtime x variant once per round
+    assert p["probes"] == 1 + 1 + len(report["runs"]) * cfg.repeats
+    assert 0 < p["gbps_min"] <= p["gbps_median"] <= p["gbps_max"] < 1e4
+    assert p["cpu_steal"] is None or 0.0 <= p["cpu_steal"] < 1.0
+    for u in report["runs"]:  # a job's figure: the mean of the probes before and after it, per round
+        assert len(u["host_gbps_rounds"]) == cfg.repeats
+        assert all(p["gbps_min"] <= g <= p["gbps_max"] for g in u["host_gbps_rounds"])
+        assert u["host_gbps"] == pytest.approx(sorted(u["host_gbps_rounds"])[cfg.repeats // 2]
+                                               if cfg.repeats % 2 else sum(u["host_gbps_rounds"]) / 2)
+    assert all(c["host_gbps"] for c in report["configs"])
+    assert "Host state during the run: memory bandwidth" in (out / "report.md").read_text()
+
+
+def test_bandwidth_probe_and_steal_share():
+    from sparsedge.bench.host import BandwidthProbe, steal_fraction
+
+    probe = BandwidthProbe(mib=8, seconds=0.05)
+    a, b = probe.measure(), probe.measure()
+    assert probe.samples == [a, b] and 0.05 < a < 1e4
+    s = probe.summary()
+    assert s["probes"] == 2 and s["gbps_min"] == min(a, b) and "8 MiB" in s["method"]
+    # user nice system idle iowait irq softirq steal (guest...): 20 of 100 ticks stolen
+    assert steal_fraction([1, 0, 1, 1, 0, 0, 0, 5, 9], [11, 0, 11, 61, 0, 0, 0, 25, 9]) == pytest.approx(0.2)
+    assert steal_fraction(None, [1] * 8) is None and steal_fraction([0] * 8, [0] * 8) is None
+
+
+def test_bench_compare_flags_differences_and_the_host_state(run, tmp_path, capsys):
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_compare", Path(__file__).parents[2] / "benchmarks" / "bench_compare.py")
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    out, report, _ = run
+    slower = copy.deepcopy(report)
+    for c in slower["configs"]:
+        if c["runtime"] == "native":
+            c["decode_tok_s"] *= 0.85  # native 15% slower in the "rerun"
+    slower["host_probe"]["gbps_median"] *= 0.8
+    (tmp_path / "b.json").write_text(json.dumps(slower))
+    a = str(out / "report.json")
+    assert bc.main([a, a]) == 0
+    assert "widest of all: 0.0%" in capsys.readouterr().out
+    assert bc.main([a, str(tmp_path / "b.json")]) == 1
+    printed = capsys.readouterr().out
+    assert "widest decode_tok_s: 15.0% (native" in printed  # |b - a| / a
+    assert "host memory bandwidth between jobs (median)" in printed and "(-20.0%)" in printed
+    assert bc.main([a, str(tmp_path / "b.json"), "--limit", "0.2"]) == 0
+
+
 def test_speculative_rows_are_lossless_with_consistent_acceptance(run):
     _, report, cfg = run
     spec = [c for c in report["configs"] if c["drafter"]]
