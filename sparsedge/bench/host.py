@@ -77,11 +77,7 @@ class BandwidthProbe:
     """
 
     def __init__(self, mib: int = 64, seconds: float = 0.2):
-        import numpy as np
-
         self.mib, self.seconds = mib, seconds
-        self._src = np.ones(mib * 2**20 // 4, np.float32)  # [mib MiB / 4] float32
-        self._dst = np.empty_like(self._src)
         self.samples: list[float] = []
         self._stat0 = read_cpu_stat()  # for the CPU steal share over the probe's life (summary)
 
@@ -95,13 +91,17 @@ class BandwidthProbe:
 
         import numpy as np
 
-        np.copyto(self._dst, self._src)  # touch both arrays' pages before timing
+        # allocated per probe, not held: with isolate=False the jobs' memory figures are this
+        # process's, and 2 x 64 MiB held across them would count in every one
+        src = np.ones(self.mib * 2**20 // 4, np.float32)  # [mib MiB / 4] float32
+        dst = np.empty_like(src)
+        np.copyto(dst, src)  # touch both arrays' pages before timing
         t0 = time.perf_counter()
         n = 0
         while (dt := time.perf_counter() - t0) < self.seconds:
-            np.copyto(self._dst, self._src)
+            np.copyto(dst, src)
             n += 1
-        gbps = 2 * n * self._src.nbytes / dt / 1e9
+        gbps = 2 * n * src.nbytes / dt / 1e9
         self.samples.append(gbps)
         return gbps
 
