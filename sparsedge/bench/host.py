@@ -1,11 +1,15 @@
-"""What a report records about where it ran: the CPU, its features, the load, library versions."""
+"""What a report records about where it ran: the CPU, its features, the load, library versions,
+and the memory bandwidth the host left to the jobs while they ran (BandwidthProbe)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 PACKAGES = ("sparsedge", "numpy", "onnxruntime", "onnxruntime-genai", "llama-cpp-python", "torch",
             "transformers", "gguf", "matplotlib")
@@ -87,10 +91,6 @@ class BandwidthProbe:
 
     def measure(self) -> float:
         """GB/s (read + write) over ``seconds`` of repeated copies; appended to ``samples``."""
-        import time
-
-        import numpy as np
-
         # allocated per probe, not held: with isolate=False the jobs' memory figures are this
         # process's, and 2 x 64 MiB held across them would count in every one
         src = np.ones(self.mib * 2**20 // 4, np.float32)  # [mib MiB / 4] float32
@@ -106,8 +106,6 @@ class BandwidthProbe:
         return gbps
 
     def summary(self) -> dict:
-        import numpy as np
-
         s = self.samples
         return {"method": self.method, "probes": len(s),
                 "gbps_median": float(np.median(s)) if s else None,
