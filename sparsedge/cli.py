@@ -283,9 +283,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
             print(f"{c['runtime']:12s} {c['variant']:14s} {c['decode']:22s} {c['decode_tok_s']:8.1f} tok/s "
                   f"{sp:6s}  {ppl}{acc}")
         print(f"wrote {a.output}/report.md, report.json and plots in {report['elapsed_s']:.0f}s")
-    for e in report["errors"]:
-        print(f"sparsedge: warning: {e['job']} failed: {e['error']}", file=sys.stderr)
-    return 1 if report["errors"] else 0
+    errs = report["errors"]
+    for e in errs:
+        print(f"sparsedge: error: {e['job']} failed: {e['error']}", file=sys.stderr)
+    if errs:  # the last line a make demo prints: which configurations the report lacks
+        print(f"sparsedge: error: {len(errs)} configuration(s) failed and are missing from the report: "
+              f"{', '.join(e['job'] for e in errs)}", file=sys.stderr)
+    return 1 if errs else 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -367,6 +371,10 @@ def _runtime_opts(a: argparse.Namespace) -> dict:
         if a.runtime != "native":
             raise SparsedgeError("--skip applies to --runtime native")
         opts["skip"] = a.skip
+    if a.runtime == "llamacpp":
+        # a llama.cpp that crashes on this host would kill this process without a word: test the
+        # file in a child process first (remembered once it passed; llamacpp.check_runs)
+        opts["probe"] = True
     return opts
 
 
@@ -568,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import faulthandler
+
+    # a crash in native code (llama.cpp, ONNX Runtime, our kernels) prints where it happened
+    # instead of ending the process silently
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SparsedgeError
+from ..errors import SparsedgeError, crash_summary, describe_exit
 from .host import BandwidthProbe
 from .measure import Decode, job_units, measure_job, merge_rounds
 from .prepare import RECIPE_RUNTIMES, RecipeSpec, Variant, select_runtimes
@@ -169,6 +169,15 @@ def _slug(label: str) -> str:
     return label.replace("/", "_").replace(":", "-").replace(",", "+")
 
 
+def job_failure(rc: int, log_text: str) -> str:
+    """One line on how a job process ended: the signal that killed it and the last native log
+    lines (a crash in llama.cpp or our kernels), or the error line it printed."""
+    if rc < 0:
+        return crash_summary(rc, log_text)
+    lines = [x for x in log_text.splitlines() if x.strip()]
+    return lines[-1] if lines else describe_exit(rc)
+
+
 def _run_job(job: dict, work: Path, isolate: bool, bar) -> dict:
     if not isolate:
         return measure_job(job, bar.update)
@@ -187,9 +196,8 @@ def _run_job(job: dict, work: Path, isolate: bool, bar) -> dict:
                 bar.update(int(line.split()[1]))
         rc = p.wait()
     if rc != 0 or not rp.is_file():
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
         return {"label": job["label"], "runtime": job["runtime"], "variant": job["variant"],
-                "error": (lines[-1] if lines else f"exit code {rc}") + f" (log: {log})"}
+                "error": job_failure(rc, log.read_text(errors="replace")) + f" (log: {log})"}
     return json.loads(rp.read_text())
 
 
@@ -259,4 +267,4 @@ def bench(model: str, out_dir: str | Path, cfg: BenchConfig | None = None, progr
     return report
 
 
-__all__ = ["BenchConfig", "bench", "Decode"]
+__all__ = ["BenchConfig", "bench", "Decode", "job_failure"]

@@ -48,6 +48,15 @@ def host() -> dict:
         out["omp_wait"]["forward_barriers"] = wait_mode()
     except Exception:  # the C library is not built here
         pass
+    # which kernels the llama.cpp peer runs here: its build's system-info line (the features its
+    # CPU backend was compiled for; a portable build lists the AVX2 baseline even on an AVX-512 CPU)
+    if "llamacpp" in h.runtimes:
+        try:
+            from ..runtimes.llamacpp import system_info
+
+            out["llamacpp_system_info"] = system_info()
+        except Exception as e:  # a broken install: say so rather than fail the report
+            out["llamacpp_system_info"] = f"unavailable ({e})"
     try:
         out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -106,13 +106,25 @@ def _f(x, fmt: str = "{:.1f}", none: str = "n/a") -> str:
     return none if x is None else fmt.format(x)
 
 
+def _llamacpp_line(h: dict) -> str:
+    """The host line's note on the llama.cpp peer's kernels (its system-info line)."""
+    info = h.get("llamacpp_system_info")
+    if not info:
+        return ""
+    from ..runtimes.llamacpp import compiled_features
+
+    feats = compiled_features(info)
+    return f" llama.cpp kernels: {', '.join(feats) if feats else info} (its system info)."
+
+
 def markdown(r: dict) -> str:
     s, h = r["settings"], r["host"]
     lines = [f"# sparsedge bench: {r['model']}", "",
              f"{r['created']}, {r['elapsed_s']:.0f} s. Host: {h['cpu']} ({h['machine']}), "
              f"{h['usable_cores']} usable cores, "
              f"features {', '.join(h['features']) or 'none'}, native kernels {h['runtimes'].get('native', 'n/a')}, "
-             f"load average at the end {', '.join(map(str, h.get('load_avg', [])))}.",
+             f"load average at the end {', '.join(map(str, h.get('load_avg', [])))}."
+             + _llamacpp_line(h),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".", "",
              *_host_state(r.get("host_probe")),
              f"Settings: {len(s['prompt_ids'])} prompts of the suite ({', '.join(s['prompt_ids'])}; "

@@ -11,10 +11,21 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+
     from .measure import measure_job
 
     job_path, out_path = argv
     job = json.loads(open(job_path).read())
+    # A job that dies in native code leaves its log (this process's stderr) with the Python stack
+    # and, for llama.cpp, the native log lines written before the crash; the parent reports both.
+    faulthandler.enable()
+    if job["runtime"] == "llamacpp":
+        from ..runtimes import llamacpp
+
+        llamacpp.load_library()
+        llamacpp.tee_log(2)
+        print(f"llama.cpp system info: {llamacpp.system_info()}", file=sys.stderr, flush=True)
 
     def progress(n: int) -> None:
         print(f"progress {n}", flush=True)

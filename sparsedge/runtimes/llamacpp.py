@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
+import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +30,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import SparsedgeError
+from ..errors import SparsedgeError, crash_summary
 from ..sources import is_gguf
 from .base import check_forward_args, check_keep_indices
 
 _LIB = None
 _LOG: deque[tuple[int, str]] = deque(maxlen=400)
 _LOG_CALLBACK = None  # the ctypes callback must outlive every native call that may log
+_TEE_FD: int | None = None  # a file descriptor that also gets every native log line (tee_log)
 _GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
 
@@ -44,6 +49,38 @@ def _on_log(level: int, text: bytes, _user) -> None:
         _LOG[-1] = (lv, prev + s)
     else:
         _LOG.append((level, s))
+    if _TEE_FD is not None and s:
+        try:  # unbuffered: the lines before a native crash are the ones worth having
+            os.write(_TEE_FD, s.encode("utf-8", errors="replace"))
+        except OSError:
+            pass
+
+
+def tee_log(fd: int | None) -> None:
+    """Also write every llama.cpp log line to ``fd`` as it comes (None: stop). A process that may
+    die inside llama.cpp (a bench job, the probe) tees to stderr, so its log file ends with the
+    native lines written before the crash instead of nothing."""
+    global _TEE_FD
+    _TEE_FD = fd
+
+
+def system_info() -> str:
+    """llama.cpp's system-info line: the CPU features its kernels were compiled for and the
+    backends in this build, e.g. "CPU : SSE3 = 1 | ... | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 |
+    LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |" (what llama.cpp runs here; features it does not list
+    are not in the build)."""
+    raw = load_library().llama_print_system_info()
+    return " ".join((raw.decode("utf-8", errors="replace") if raw else "").split())
+
+
+def compiled_features(info: str) -> list[str]:
+    """The names a system-info line marks "= 1" (e.g. ["SSE3", "AVX2", ..., "OPENMP", "REPACK"])."""
+    out: list[str] = []
+    for part in info.replace(":", "|").split("|"):
+        name, eq, val = part.partition("=")
+        if eq and val.strip() == "1" and name.strip() not in out:
+            out.append(name.strip())
+    return out
 
 
 def load_library():
@@ -141,7 +178,11 @@ class LlamaCppRuntime:
         max_branches: int = 32,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        probe: bool = False,
     ):
+        """probe=True first runs a multi-token forward of the file in a child process (check_runs,
+        remembered once it passed), so that a llama.cpp that crashes on this host ends in a
+        SparsedgeError naming the signal instead of killing this process."""
         self._model = self._ctx = self._batch = None
         path = Path(gguf_path).expanduser()
         if not path.is_file():
@@ -152,6 +193,8 @@ class LlamaCppRuntime:
             raise SparsedgeError(f"unknown KV cache type {kv_type!r} (known: {', '.join(KV_TYPES)})")
         if n_ctx < 1 or n_batch < 1 or max_branches < 1:
             raise SparsedgeError("n_ctx, n_batch and max_branches must be positive")
+        if probe:
+            check_runs(path, threads)
         L = self._L = load_library()
         self.path = path
         self.n_ctx = int(n_ctx)
@@ -381,3 +424,129 @@ class LlamaCppRuntime:
             self.close()
         except Exception:  # interpreter shutdown: the library may already be gone
             pass
+
+
+# ----------------------------------------------------------------------------- crash probe
+#
+# A fault inside llama.cpp kills the whole Python process with no exception to catch (stock
+# llama-cpp-python built with -march=native on an Intel AMX host segfaults on every batch of two or
+# more tokens: llama.cpp issue 20824). So before a CLI command runs a GGUF in-process, a child
+# process runs a multi-token forward of it; if the child dies, the command stops with a sentence
+# that names the signal and the last native log lines instead of dying silently. A success is
+# remembered per (llama.cpp library files, GGUF file, CPU, threads), so the probe costs one child
+# process per model and host.
+
+PROBE_TOKENS = 4  # one batch of several tokens (the AMX crash needs >= 2), then one single token
+HINT = ("llama-cpp-python built for another CPU, or with ggml's AMX kernels (-march=native on an "
+        "Intel Sapphire/Granite Rapids host, llama.cpp issue 20824); rebuild it with the project's "
+        "flags: `make llamacpp` in a sparsedge checkout (README, 'llama.cpp build')")
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    returncode: int
+    detail: str  # on failure: how the child ended and its last log lines; on success: system info
+    cached: bool = False
+
+
+def _library_files() -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise SparsedgeError("the llamacpp runtime needs llama-cpp-python: pip install 'sparsedge[llamacpp]'")
+    lib = Path(spec.origin).parent / "lib"
+    return sorted(p for p in lib.glob("*") if p.is_file()) if lib.is_dir() else [Path(spec.origin)]
+
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(keep))  # the first CPU's lines (all CPUs of a host agree)
+
+
+def _probe_key(path: Path, threads: int) -> str:
+    h = hashlib.sha256()
+    for f in [*_library_files(), path]:
+        st = f.stat()
+        h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    h.update(f"{threads}\n{sys.executable}\n{_cpu_identity()}".encode())
+    return h.hexdigest()[:24]
+
+
+def _probe_command(path: Path, threads: int) -> list[str]:
+    return [sys.executable, "-m", "sparsedge.runtimes.llamacpp", "--probe", str(path), str(threads)]
+
+
+def probe(gguf_path: str | Path, threads: int | None = None, timeout_s: float = 600.0,
+          use_cache: bool = True) -> ProbeResult:
+    """Run a PROBE_TOKENS-token forward and a 1-token step of ``gguf_path`` in a child process and
+    report whether it survived (a crashing llama.cpp kills the child, not the caller)."""
+    from ..sources import home
+
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise SparsedgeError(f"no such GGUF file: {path}")
+    threads = int(threads) if threads else max(1, os.cpu_count() or 1)
+    marker = home() / "probes" / "llamacpp" / f"{_probe_key(path, threads)}.json"
+    if use_cache and marker.is_file():
+        try:
+            return ProbeResult(**{**json.loads(marker.read_text()), "cached": True})
+        except (ValueError, TypeError):
+            marker.unlink(missing_ok=True)
+    try:
+        r = subprocess.run(_probe_command(path, threads), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(False, -1, f"did not finish within {timeout_s:.0f} s")
+    if r.returncode == 0:
+        res = ProbeResult(True, 0, r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"ok": True, "returncode": 0, "detail": res.detail}))
+        os.replace(tmp, marker)
+        return res
+    return ProbeResult(False, r.returncode, crash_summary(r.returncode, r.stderr))
+
+
+def check_runs(gguf_path: str | Path, threads: int | None = None) -> None:
+    """A SparsedgeError if llama.cpp cannot run a multi-token forward of this GGUF on this host
+    without crashing (see probe); nothing, and nothing more to pay, once it could."""
+    res = probe(gguf_path, threads)
+    if not res.ok:
+        name = Path(gguf_path).name
+        hint = f" Likely cause: {HINT}." if res.returncode < 0 else ""
+        raise SparsedgeError(f"llama.cpp crashed in a test run: a {PROBE_TOKENS}-token forward of {name} "
+                             f"{res.detail}.{hint}")
+
+
+def _probe_child(path: str, threads: int) -> int:
+    """The child side of probe(): native log to stderr as it comes, faulthandler for the Python
+    side, system info first (so a crash report shows which kernels were in the build)."""
+    import faulthandler
+
+    faulthandler.enable()
+    load_library()
+    tee_log(2)
+    os.write(2, f"llama.cpp system info: {system_info()}\n".encode())
+    with LlamaCppRuntime(path, n_ctx=64, threads=threads, n_batch=16, max_branches=1) as rt:
+        toks = np.arange(1, PROBE_TOKENS + 1) % rt.vocab_size
+        out = rt.forward(toks)
+        out = np.concatenate([out, rt.forward(toks[:1])])
+    if not np.isfinite(out).all():
+        print("llama.cpp returned non-finite logits", file=sys.stderr)
+        return 3
+    print(f"llama.cpp system info: {system_info()}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        sys.exit(_probe_child(sys.argv[2], int(sys.argv[3])))
+    print("usage: python -m sparsedge.runtimes.llamacpp --probe FILE.gguf THREADS", file=sys.stderr)
+    sys.exit(2)

@@ -14,6 +14,7 @@ import pytest
 from sparsedge import SparsedgeError
 from sparsedge.bench import BenchConfig, bench
 from sparsedge.cli import main
+from needs import need
 from tiny import save_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +36,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
+    need("llama_cpp")
     out = tmp_path_factory.mktemp("report")
     cfg = _small(runtimes=("native", "llamacpp", "onnxruntime"))
     return out, bench(tiny_model, out, cfg, progress=False), cfg
@@ -52,6 +53,9 @@ def test_report_files_and_plots(run):
         assert f"| {c['runtime']} | {c['variant']} | {c['decode']}" in md
     assert "tokens_per_s.png" in md and "Peak memory:" in md
     assert report["errors"] == []
+    # the host line names the kernels of the llama.cpp peer (its system-info line)
+    assert "AVX2 = 1" in report["host"]["llamacpp_system_info"] or "NEON" in report["host"]["llamacpp_system_info"]
+    assert "llama.cpp kernels: " in md
 
 
 def test_every_configuration_is_measured(run):
@@ -266,12 +270,46 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert opt in helptext
 
 
+def test_a_job_that_dies_on_a_signal_is_reported_as_such():
+    """A job process killed inside native code: the report's error names the signal, the native
+    lines before the crash and the innermost Python frame (faulthandler), not an empty log."""
+    import subprocess
+    import sys
+
+    from sparsedge.bench import job_failure
+
+    code = ("import faulthandler, os, signal, sys; faulthandler.enable(); "
+            "sys.stderr.write('llama.cpp system info: CPU : AVX2 = 1 |\\nload_tensors: CPU model buffer\\n'); "
+            "sys.stderr.flush(); os.kill(os.getpid(), signal.SIGSEGV)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    msg = job_failure(p.returncode, p.stderr)
+    assert msg.startswith("died on SIGSEGV (signal 11); last log lines: llama.cpp system info"), msg
+    assert "load_tensors: CPU model buffer" in msg and 'File "<string>", line 1' in msg, msg
+    assert job_failure(1, "Traceback\nValueError: boom\n") == "ValueError: boom"
+    assert job_failure(2, "") == "exited with status 2"
+
+
+def test_cli_ends_with_the_configurations_that_failed(monkeypatch, tmp_path, capsys):
+    """`sparsedge bench` (the last step of make demo) exits non-zero and its last line names every
+    configuration missing from the report."""
+    import sparsedge.bench as bench_mod
+
+    fake = {"configs": [], "elapsed_s": 1.0, "errors": [
+        {"job": "llamacpp/dense", "error": "died on SIGSEGV (signal 11); last log lines: x (log: L)"}]}
+    monkeypatch.setattr(bench_mod, "bench", lambda *a, **k: fake)
+    assert main(["bench", "m", "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "llamacpp/dense failed: died on SIGSEGV (signal 11)" in err[0]
+    assert err[-1] == ("sparsedge: error: 1 configuration(s) failed and are missing from the report: "
+                       "llamacpp/dense")
+
+
 # ------------------------------------------------------------------------------ the real default model
 
 
 @pytest.mark.slow
 def test_quick_bench_on_the_default_model(tmp_path, capsys):
-    pytest.importorskip("llama_cpp")
+    need("llama_cpp")
     # GGUF runtimes only: the ONNX int4 export and its slower runtime would double the time
     assert main(["bench", "smollm2-135m", "--quick", "--runtimes", "native", "llamacpp",
                  "--decode", "greedy", "spec:ngram", "-o", str(tmp_path / "q"), "--threads", "2", "--json"]) == 0

@@ -18,6 +18,7 @@ import torch
 from sparsedge import SparsedgeError, arch, load
 from sparsedge.export.gguf import RECIPE_KEY, VERSION_KEY, write_gguf
 from sparsedge.quantize.gguf import QUANTS, check_quant
+from needs import need
 from tiny import hf_model, save_folder, tiny_tokenizer
 
 T = gguf.TokenType
@@ -318,7 +319,7 @@ def test_rows_that_are_not_whole_blocks_stay_f32(tmp_path):
 
 
 def test_q4_k_m_through_llama_cpp(llama, tmp_path):
-    pytest.importorskip("llama_cpp")
+    need("llama_cpp")
     path = tmp_path / "m.q4_k_m.gguf"
     rep = write_gguf(llama, path, quant="q4_k_m", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.q4_k_m.gguf"]  # the F32 temporary is gone

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
+from needs import need
+
+need("llama_cpp")
 
 from sparsedge import SparsedgeError, load  # noqa: E402
 from sparsedge.export.gguf import write_gguf  # noqa: E402
@@ -245,6 +247,89 @@ def test_artifact_runs_in_llama_cpp(tmp_path):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
+# ----------------------------------------------------------------------------- crashes and the build
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_multi_token_forward_survives_in_a_child_process(tmp_path, quant):
+    """The crash probe on our quantized GGUF: a 4-token batch and a step in a child process. A
+    llama.cpp that dies on this host (AMX kernels on Sapphire Rapids: SIGSEGV on any batch of two
+    or more tokens) fails this test with the signal and the last native log lines."""
+    from sparsedge.export.artifact import ExportConfig, export
+    from sparsedge.runtimes.llamacpp import probe
+
+    loaded = load(str(save_folder("llama", tmp_path / "hf")), progress=False)
+    export(loaded, tmp_path / "art", ExportConfig(formats=("gguf",), gguf_quants=(quant,)), progress=False)
+    res = probe(next((tmp_path / "art").glob("*.gguf")), threads=2, use_cache=False)
+    assert res.ok, f"llama.cpp {res.detail}"
+    assert res.detail.startswith("llama.cpp system info: "), res.detail
+
+
+def _crashing_child(monkeypatch, code: str):
+    import sys
+
+    from sparsedge.runtimes import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_probe_command", lambda path, threads: [sys.executable, "-c", code])
+    return llamacpp
+
+
+CRASH = ("import faulthandler, os, signal, sys; faulthandler.enable(); "
+         "sys.stderr.write('load_tensors: AMX model buffer size = 12.0 MiB\\n'); sys.stderr.flush(); "
+         "os.kill(os.getpid(), signal.SIGSEGV)")
+
+
+def test_a_crashing_llama_cpp_is_a_clear_error(monkeypatch, tmp_path):
+    """A child that dies on SIGSEGV: check_runs raises a SparsedgeError naming the signal, the last
+    native line before the crash and the likely cause; a failure is not remembered."""
+    lib = _crashing_child(monkeypatch, CRASH)
+    loaded = load(str(save_folder("llama", tmp_path / "hf")), progress=False)
+    write_gguf(loaded, tmp_path / "m.gguf", progress=False)
+    with pytest.raises(SparsedgeError) as e:
+        lib.check_runs(tmp_path / "m.gguf", threads=2)
+    msg = str(e.value)
+    assert "SIGSEGV (signal 11)" in msg and "AMX model buffer size" in msg and "make llamacpp" in msg, msg
+    with pytest.raises(SparsedgeError, match="SIGSEGV"):  # not cached: probed again
+        LlamaCppRuntime(tmp_path / "m.gguf", threads=2, probe=True)
+    # an exit with a status is not a crash: no AMX hint, the status and its last line
+    _crashing_child(monkeypatch, "import sys; sys.stderr.write('bad magic\\n'); sys.exit(3)")
+    with pytest.raises(SparsedgeError, match="exited with status 3; last log lines: bad magic") as e:
+        lib.check_runs(tmp_path / "m.gguf", threads=2)
+    assert "make llamacpp" not in str(e.value)
+
+
+def test_a_passing_probe_is_remembered(monkeypatch, tmp_path):
+    from sparsedge.runtimes import llamacpp
+
+    monkeypatch.setenv("SPARSEDGE_HOME", str(tmp_path / "home"))
+    loaded = load(str(save_folder("llama", tmp_path / "hf")), progress=False)
+    write_gguf(loaded, tmp_path / "m.gguf", progress=False)
+    first = llamacpp.probe(tmp_path / "m.gguf", threads=2)
+    assert first.ok and not first.cached, first.detail
+    _crashing_child(monkeypatch, CRASH)  # would crash now: the remembered pass answers
+    again = llamacpp.probe(tmp_path / "m.gguf", threads=2)
+    assert again.ok and again.cached
+    (tmp_path / "m.gguf").touch()  # another file (mtime): probed again, and the crash shows
+    assert not llamacpp.probe(tmp_path / "m.gguf", threads=2).ok
+
+
+def test_the_installed_llama_cpp_is_a_portable_build():
+    """llama-cpp-python as the project builds it (Makefile: GGML_NATIVE=OFF, the AVX2 baseline on
+    x86-64): its CPU backend is compiled for no feature beyond AVX2 + FMA + F16C + BMI2, and never
+    for AMX, so the same wheel runs on every x86-64 CPU with AVX2 (cached wheels included)."""
+    import platform
+
+    from sparsedge.runtimes.llamacpp import compiled_features, system_info
+
+    info = system_info()
+    feats = set(compiled_features(info))
+    assert not {f for f in feats if f.startswith("AMX")}, info
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert {"AVX2", "FMA", "F16C"} <= feats, info
+        beyond = {f for f in feats if f.startswith(("AVX512", "AVX_VNNI", "AMX"))}
+        assert not beyond, f"llama.cpp was compiled for {sorted(beyond)}: not a portable build ({info})"
+
+
 # ----------------------------------------------------------------------------- the real model
 
 
@@ -253,6 +338,18 @@ def real_gguf(real_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("real") / "smollm2.f32.gguf"
     write_gguf(real_model, path, progress=False)
     return path
+
+
+@pytest.mark.slow
+def test_real_model_q4_0_batch_in_a_child_process(real_model, tmp_path):
+    """The issue's reproduction on the real model: a Q4_0 GGUF, a multi-token batch (the batch that
+    crashed in llama.cpp's AMX kernels), in a child process so that a crash fails only this test."""
+    from sparsedge.runtimes.llamacpp import probe
+
+    path = tmp_path / "smollm2.q4_0.gguf"
+    write_gguf(real_model, path, quant="q4_0", progress=False)
+    res = probe(path, threads=2, use_cache=False)
+    assert res.ok, f"llama.cpp {res.detail}"
 
 
 PROMPTS = [

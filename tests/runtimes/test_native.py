@@ -956,3 +956,88 @@ def test_skipping_changes_nothing_but_the_work(tmp_path, level, qtype):
     assert NativeRuntime(p, threads=2, recipe=high).model.weights["layers.0.gate"].layout == _lib.COL
     with pytest.raises(SparsedgeError, match="skip mode"):
         NativeRuntime(p, threads=2, recipe=recipe, skip="sometimes")
+
+
+# ----------------------------------------------------------------------------- kernel levels on this host
+
+
+def _level_the_flags_allow() -> str:
+    """The kernel level the C library must pick on this host, from the CPU's own flags (what
+    se_set_level tests with __builtin_cpu_supports), independent of the library."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "neon"
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if not {"avx2", "fma"} <= flags:
+        return "scalar"
+    return "avx2+fma+avx512vnni" if {"avx512f", "avx512vl", "avx512_vnni"} <= flags else "avx2+fma"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_level_is_what_this_cpus_flags_allow():
+    """The library loaded here dispatches at run time to the best level the CPU has (one wheel for
+    every CPU): neither a level the CPU lacks (SIGILL) nor a lower one than it could use."""
+    assert native.set_level(None) == _level_the_flags_allow()
+
+
+@pytest.fixture(scope="module")
+def real_ggufs(real_model, tmp_path_factory):
+    """smollm2-135m exported as F32, Q8_0 and Q4_0 GGUF (the float and both integer kernels)."""
+    from sparsedge.export.artifact import ExportConfig, export
+
+    d = tmp_path_factory.mktemp("real_levels") / "art"
+    export(real_model, d, ExportConfig(formats=("gguf",), gguf_quants=("f32", "q8_0", "q4_0")), progress=False)
+    return {q: next(d.glob(f"*{q}*.gguf")) for q in ("f32", "q8_0", "q4_0")}
+
+
+def _real_logits(path, prompt: list[int]) -> list[np.ndarray]:
+    """A prompt, an 8-node tree after it, keep() of one branch and 4 single steps."""
+    parents, mask, depth = _tree()
+    rt = NativeRuntime(path, threads=2, n_ctx=256)
+    outs = [rt.forward(prompt)]
+    outs.append(rt.forward(prompt[:8], rt.n_past + depth, mask))
+    rt.keep(_path(parents, 7))
+    for t in prompt[:4]:
+        outs.append(rt.forward([t]))
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("lower", ["avx2+fma", "scalar"])
+def test_forced_lower_level_on_a_real_artifact(real_model, real_ggufs, qtype, lower):
+    """Forcing a lower kernel level on the real model changes nothing but the speed where the
+    kernels promise it: the AVX2 path gives the VNNI path's logits bit for bit (the same integer
+    sums, the same float operations), so an AVX2-only host computes what an AVX-512 host does.
+
+    The scalar path (a CPU without AVX2) sums floats in another order: F32 stays within 1e-5 of
+    the largest logit; with int8 activations those last-bit differences flip a rounding now and
+    then, and 30 layers carry a flip up to ~3% of the largest logit (measured: 1.07 of 36 on Q8_0,
+    0.96 of 34 on Q4_0), so quantized types are held to 5% and equal argmax almost everywhere."""
+    best = native.set_level(None)
+    if lower == "avx2+fma" and best != "avx2+fma+avx512vnni":
+        pytest.skip(f"no lower SIMD level than {best} on this CPU")
+    prompt = real_model.tokenizer("The capital of France is Paris. def fib(n): return n")["input_ids"]
+    try:
+        want = _real_logits(real_ggufs[qtype], prompt)
+        assert native.set_level({"avx2+fma": 1, "scalar": 0}[lower]) == lower
+        got = _real_logits(real_ggufs[qtype], prompt)
+    finally:
+        native.set_level(None)
+    agree = []
+    for i, (a, b) in enumerate(zip(want, got)):
+        if lower != "scalar":
+            np.testing.assert_array_equal(b, a, err_msg=f"call {i} at {lower} vs {best}")
+            continue
+        tol = 1e-5 if qtype == "f32" else 0.05
+        np.testing.assert_allclose(b, a, atol=tol * np.abs(a).max(), rtol=0, err_msg=f"call {i}")
+        agree.append(a.argmax(-1) == b.argmax(-1))
+    if agree:
+        assert np.concatenate(agree).mean() >= (1.0 if qtype == "f32" else 0.85)

@@ -19,6 +19,7 @@ from sparsedge.runtimes.decoding.drafters import DraftRequest
 from sparsedge.runtimes.decoding.drafters.layerskip import SkipPlan
 from sparsedge.runtimes.decoding.tree import choose, template
 from sparsedge.text import encode_prompt
+from needs import need
 from tiny import save_folder
 
 FLAT = CostCurve([1, 16], [1.0, 1.0])  # verification free up to 16 tokens: take every node
@@ -146,7 +147,7 @@ def _drafter_spec(name: str, tiny_art) -> str:
 @pytest.fixture(scope="module", params=RUNTIMES)
 def target(request, tiny_art):
     if request.param == "llamacpp":
-        pytest.importorskip("llama_cpp")
+        need("llama_cpp")
     rt = open_runtime(tiny_art["art"], request.param, threads=1)
     plain = [list(generate(rt, p, GenerationConfig(max_new_tokens=48))) for p in tiny_art["prompts"]]
     yield Target(rt, tiny_art["art"], request.param, {"threads": 1}), plain
@@ -450,7 +451,7 @@ def test_real_model_lossless_greedy_on_the_suite(real_art, runtime, drafter):
     """The whole prompt suite, 128 new tokens each, identical to plain greedy on the same runtime;
     the draft trees are sized by the runtime's measured cost curve, as users run them."""
     if runtime == "llamacpp":
-        pytest.importorskip("llama_cpp")
+        need("llama_cpp")
     d = real_art["dir"]
     spec = {"sparse": f"sparse:{d / 'r70.json'}", "layerskip": f"layerskip:{d / 'skip.json'}",
             "model": f"model:{d / 'art'}@native"}.get(drafter, drafter)
