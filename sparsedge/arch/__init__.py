@@ -1,6 +1,6 @@
 """Architectures: a typed, serialisable spec of the decoder and the tensor-name map of each family.
 
-One flat module per architecture (llama.py, gemma3.py) registers itself here with
+One flat module per architecture (llama.py, gemma3.py, qwen2.py) registers itself here with
 ``register(model_types)``. A module provides
 
 - ``spec_from_hf(config) -> ModelSpec``: the hyper-parameters from a transformers config;
@@ -26,7 +26,7 @@ SPEC_VERSION = 1
 class ModelSpec:
     """Everything a runtime needs to run a decoder, and nothing about where the weights came from."""
 
-    arch: str  # registry key: "llama" | "gemma3"
+    arch: str  # registry key: "llama" | "gemma3" | "qwen2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -47,6 +47,9 @@ class ModelSpec:
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
     qk_norm: bool = False  # per-head RMSNorm of q and k (Gemma 3)
     sandwich_norm: bool = False  # extra norms after attention and after the FFN (Gemma 2/3)
+    # additive biases of q, k and v (Qwen2): [n_heads * head_dim], [n_kv_heads * head_dim] twice,
+    # added before RoPE; o_proj and the FFN have none
+    qkv_bias: bool = False
     attn_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcap: float | None = None
     bos_token_id: int | None = None
@@ -100,7 +103,7 @@ class Arch:
 _REGISTRY: dict[str, Arch] = {}
 _BY_MODEL_TYPE: dict[str, Arch] = {}
 # Imported lazily so that adding an architecture is one new module and one line here.
-_MODULES = ("llama", "gemma3")
+_MODULES = ("llama", "gemma3", "qwen2")
 
 
 def register(arch: Arch) -> Arch:

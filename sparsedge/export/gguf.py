@@ -2,13 +2,13 @@
 
     write_gguf(loaded, path, quant="q4_0", weights=None, recipe=None) -> report dict
 
-One flat class per architecture (Llama, Gemma 3) overrides three hooks: ``check`` (refuse what
-llama.cpp would compute differently), ``hparams`` (metadata keys) and ``to_gguf`` (a weight's
+One flat class per architecture (Llama, Gemma 3, Qwen2) overrides three hooks: ``check`` (refuse
+what llama.cpp would compute differently), ``hparams`` (metadata keys) and ``to_gguf`` (a weight's
 layout in llama.cpp: Llama's rotary permutation of q/k, Gemma's (1 + w) norms). Tensor names are a
-data table canonical name -> gguf-py MODEL_TENSOR, checked against gguf-py's list of the tensors
-llama.cpp loads for the architecture, so the file never carries a tensor llama.cpp does not expect
-(DESIGN.md §2). The recipe travels as JSON under ``sparsedge.recipe``; llama.cpp ignores it and runs
-the (neuron-permuted, when chunked) dense weights.
+data table canonical name -> gguf-py MODEL_TENSOR (".bias" for biases), checked against gguf-py's
+list of the tensors llama.cpp loads for the architecture, so the file never carries a tensor
+llama.cpp does not expect (DESIGN.md §2). The recipe travels as JSON under ``sparsedge.recipe``;
+llama.cpp ignores it and runs the (neuron-permuted, when chunked) dense weights.
 
 The file is written under a temporary name in the destination folder and renamed at the end: a
 failed or interrupted write leaves nothing at ``path`` (and an older file there untouched).
@@ -36,7 +36,8 @@ from ..quantize.gguf import (
 RECIPE_KEY = "sparsedge.recipe"
 VERSION_KEY = "sparsedge.version"
 
-# canonical name -> gguf-py MODEL_TENSOR member ("{i}" is the layer index)
+# canonical name -> gguf-py MODEL_TENSOR member ("{i}" is the layer index). A member names a
+# ".weight" tensor; "MEMBER.bias" names the bias of the same layer (blk.N.attn_q.bias).
 _COMMON = {
     "embed": "TOKEN_EMBD",
     "norm": "OUTPUT_NORM",
@@ -58,6 +59,12 @@ GEMMA3_TENSORS = {
     "layers.{i}.post_attn_norm": "ATTN_POST_NORM",
     "layers.{i}.ffn_norm": "FFN_PRE_NORM",
     "layers.{i}.post_ffn_norm": "FFN_POST_NORM",
+}
+QWEN2_TENSORS = {
+    **LLAMA_TENSORS,
+    "layers.{i}.q_bias": "ATTN_Q.bias",
+    "layers.{i}.k_bias": "ATTN_K.bias",
+    "layers.{i}.v_bias": "ATTN_V.bias",
 }
 
 
@@ -89,6 +96,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         per_layer.update(q_norm=(hd,), k_norm=(hd,))
     if spec.sandwich_norm:
         per_layer.update(post_attn_norm=(h,), post_ffn_norm=(h,))
+    if spec.qkv_bias:
+        per_layer.update(q_bias=(spec.n_heads * hd,), k_bias=(spec.n_kv_heads * hd,), v_bias=(spec.n_kv_heads * hd,))
     out: dict[str, tuple[int, ...]] = {"embed": (spec.vocab_size, h), "norm": (h,)}
     if not spec.tie_embeddings:
         out["lm_head"] = (spec.vocab_size, h)
@@ -137,11 +146,12 @@ class GGUFArch:
             template = "layers.{i}." + canon.split(".", 2)[2] if canon.startswith("layers.") else canon
             if template not in self.tensors:
                 raise SparsedgeError(f"no GGUF name for {canon!r} in {self.name}")
-            t = gguf.MODEL_TENSOR[self.tensors[template]]
+            member, _, suffix = self.tensors[template].partition(".")
+            t = gguf.MODEL_TENSOR[member]
             if t not in allowed:  # a table error, not a user error: llama.cpp would refuse the file
                 raise AssertionError(f"llama.cpp's {self.name} does not load {t.name}")
             bid = int(canon.split(".")[1]) if canon.startswith("layers.") else None
-            out[canon] = gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight"
+            out[canon] = gguf.TENSOR_NAMES[t].format(bid=bid) + "." + (suffix or "weight")
         return out
 
 
@@ -162,6 +172,7 @@ class LlamaGGUF(GGUFArch):
                 f"attention scale {spec.attn_scale}", self.name)
         _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", self.name)
         _refuse(spec.sliding_window is not None, "sliding-window attention", self.name)
+        _refuse(spec.qkv_bias, "q/k/v biases", self.name)
 
     def hparams(self, w, spec: ModelSpec, context_length: int) -> None:
         super().hparams(w, spec, context_length)
@@ -197,6 +208,7 @@ class Gemma3GGUF(GGUFArch):
         _refuse(abs(spec.scale * d**0.5 - 1) > 1e-6, f"attention scale {spec.scale} (llama.cpp uses {d}^-0.5)",
                 self.name)
         _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", self.name)
+        _refuse(spec.qkv_bias, "q/k/v biases", self.name)
 
     def hparams(self, w, spec: ModelSpec, context_length: int) -> None:
         super().hparams(w, spec, context_length)
@@ -215,7 +227,32 @@ class Gemma3GGUF(GGUFArch):
         return arr
 
 
-ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LlamaGGUF(), Gemma3GGUF())}
+class Qwen2GGUF(GGUFArch):
+    """Qwen2 / Qwen2.5. llama.cpp's qwen2 graph is Llama's plus the q/k/v bias adds, but with NEOX
+    rotary (rotate-half, the HF layout): q/k weights and their biases are stored as they are, with
+    no rotary permutation (the base to_gguf). The biases are 1-D ([n_heads * head_dim],
+    [n_kv_heads * head_dim]) and so stay F32 in every quant type, like the norms (tensor_type).
+    The hparams are the base class's: llama.cpp's rope dimension and key length default to
+    hidden / heads, which ``check`` requires."""
+
+    name = "qwen2"
+    tensors = QWEN2_TENSORS
+
+    def check(self, spec: ModelSpec) -> None:
+        _refuse(spec.act != "silu", f"activation {spec.act}", self.name)
+        _refuse(spec.qk_norm or spec.sandwich_norm or spec.norm_offset != 0.0 or spec.embed_scale != 1.0,
+                "Gemma-style norms or embedding scale", self.name)
+        _refuse(spec.attn_scale is not None and abs(spec.attn_scale * spec.head_dim**0.5 - 1) > 1e-6,
+                f"attention scale {spec.attn_scale}", self.name)
+        _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", self.name)
+        _refuse(spec.sliding_window is not None, "sliding-window attention", self.name)
+        # llama.cpp's qwen2 shapes attn_q and attn_output as [hidden, hidden] and derives head_dim
+        # as hidden / heads (the biases themselves are optional there)
+        _refuse(spec.n_heads * spec.head_dim != spec.hidden_size,
+                f"{spec.n_heads} heads of {spec.head_dim} for hidden size {spec.hidden_size}", self.name)
+
+
+ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LlamaGGUF(), Gemma3GGUF(), Qwen2GGUF())}
 
 
 def gguf_arch(spec: ModelSpec) -> GGUFArch:
@@ -232,10 +269,16 @@ _LLAMA3_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+# Qwen2 / Qwen2.5: Llama 3's split, but digits one by one (\p{N}, not \p{N}{1,3})
+_QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 BPE_PRE_TOKENIZERS: dict[tuple, str] = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", _LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
+    (("Split", _QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
 }
 
 

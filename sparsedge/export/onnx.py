@@ -219,6 +219,15 @@ def _rms_norm_fp16(g: "_Graph", x: str, eps: float, name: str) -> str:
     return g.op("Div", u, rms, name=name + ".div")
 
 
+def check_supported(spec: ModelSpec, static: bool = False) -> None:
+    """Raise SparsedgeError for what the graph below does not compute: it adds no biases to its
+    projections, and a graph that silently dropped Qwen2's q/k/v biases would compute another
+    function than the torch reference."""
+    if spec.qkv_bias:
+        what = "the NPU static graphs do" if static else "the ONNX exporter does"
+        raise SparsedgeError(f"{what} not support q/k/v biases ({spec.arch}) yet; export the gguf format instead")
+
+
 def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: StaticShape | None = None):
     """The decoder as an onnx.ModelProto, op by op (see the module docstring for the contract).
 
@@ -234,6 +243,7 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: St
 
     from ..runtimes.torch_model import _ACTS, check_shapes
 
+    check_supported(spec, static is not None)
     w = {k: _np(v) for k, v in weights.items()}
     if "lm_head" not in w:
         if not spec.tie_embeddings:

@@ -143,9 +143,12 @@ class Decoder(torch.nn.Module):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], s.rms_eps, s.norm_offset)
             h = self._hook("qkv_in", i, h)
-            q = (self._hook("q_in", i, h) @ w[p + "q"].T).view(k, nh, hd)
-            kk = (h @ w[p + "k"].T).view(k, nkv, hd)
-            v = (h @ w[p + "v"].T).view(k, nkv, hd)
+            q = self._hook("q_in", i, h) @ w[p + "q"].T  # [k, nh*hd]
+            kk = h @ w[p + "k"].T  # [k, nkv*hd]
+            v = h @ w[p + "v"].T  # [k, nkv*hd]
+            if s.qkv_bias:  # Qwen2: biases before RoPE (they rotate with q and k)
+                q, kk, v = q + w[p + "q_bias"], kk + w[p + "k_bias"], v + w[p + "v_bias"]
+            q, kk, v = q.view(k, nh, hd), kk.view(k, nkv, hd), v.view(k, nkv, hd)
             if s.qk_norm:
                 q = rms_norm(q, w[p + "q_norm"], s.rms_eps, s.norm_offset)
                 kk = rms_norm(kk, w[p + "k_norm"], s.rms_eps, s.norm_offset)
@@ -193,6 +196,8 @@ def required_names(spec: ModelSpec) -> list[str]:
         per += ["q_norm", "k_norm"]
     if spec.sandwich_norm:
         per += ["post_attn_norm", "post_ffn_norm"]
+    if spec.qkv_bias:
+        per += ["q_bias", "k_bias", "v_bias"]
     names += [f"layers.{i}.{n}" for i in range(spec.n_layers) for n in per]
     return names
 
@@ -205,6 +210,7 @@ def check_shapes(spec: ModelSpec, w: Mapping[str, torch.Tensor]) -> None:
         "attn_norm": (H,), "ffn_norm": (H,), "post_attn_norm": (H,), "post_ffn_norm": (H,),
         "q": (spec.n_heads * hd, H), "k": (spec.n_kv_heads * hd, H), "v": (spec.n_kv_heads * hd, H),
         "o": (H, spec.n_heads * hd), "q_norm": (hd,), "k_norm": (hd,),
+        "q_bias": (spec.n_heads * hd,), "k_bias": (spec.n_kv_heads * hd,), "v_bias": (spec.n_kv_heads * hd,),
         "gate": (I, H), "up": (I, H), "down": (H, I),
     }
     for name in required_names(spec):

@@ -26,7 +26,7 @@ T = gguf.TokenType
 
 def _save_with_merges(arch_name: str, path):
     """A tiny HF folder whose BPE learned merges (tiny.save_folder's 256-token BPE has none)."""
-    tok = tiny_tokenizer(320)
+    tok = tiny_tokenizer(320, arch=arch_name)
     m = hf_model(arch_name, vocab=len(tok))
     m.save_pretrained(path)
     tok.save_pretrained(path)
@@ -36,6 +36,11 @@ def _save_with_merges(arch_name: str, path):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return load(str(_save_with_merges("llama", tmp_path_factory.mktemp("m") / "llama")), progress=False)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return load(str(_save_with_merges("qwen2", tmp_path_factory.mktemp("m") / "qwen2")), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +93,13 @@ GEMMA3_GGUF_TO_HF = {
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+QWEN2_GGUF_TO_HF = {
+    **LLAMA_GGUF_TO_HF,
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+}
+GGUF_TO_HF = {"llama": LLAMA_GGUF_TO_HF, "gemma3": GEMMA3_GGUF_TO_HF, "qwen2": QWEN2_GGUF_TO_HF}
 
 
 def _expand(table: dict[str, str], n_layers: int) -> dict[str, str]:
@@ -101,7 +113,7 @@ def _expand(table: dict[str, str], n_layers: int) -> dict[str, str]:
 def _reference(loaded, hf) -> dict[str, np.ndarray]:
     """GGUF tensor name -> the HF weight in llama.cpp's layout, built here independently."""
     spec = loaded.spec
-    table = _expand(LLAMA_GGUF_TO_HF if spec.arch == "llama" else GEMMA3_GGUF_TO_HF, spec.n_layers)
+    table = _expand(GGUF_TO_HF[spec.arch], spec.n_layers)
     ref = {}
     for g, h in table.items():
         w = hf[h]
@@ -249,10 +261,75 @@ def test_gemma3_layout_and_metadata(gemma, tmp_path):
     assert f("gemma3.rope.freq_base_swa") == pytest.approx(spec.rope_theta_local)
 
 
+def test_qwen2_layout_and_metadata(qwen2, tmp_path):
+    """HF's rotate-half q/k rows as they are (llama.cpp's qwen2 is NEOX) and the q/k/v biases as
+    blk.N.attn_{q,k,v}.bias, unpermuted too; the qwen2 hparams and the Qwen2 pre-tokenizer."""
+    path = tmp_path / "q.gguf"
+    write_gguf(qwen2, path, progress=False)
+    r = gguf.GGUFReader(str(path))
+    spec, hf = qwen2.spec, _hf_weights(qwen2)
+    ref = _reference(qwen2, hf)
+    data = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert set(data) == set(ref)  # tied embeddings: no output.weight
+    assert {n for n in data if n.endswith(".bias")} == {f"blk.{i}.attn_{x}.bias" for i in range(spec.n_layers)
+                                                        for x in "qkv"}
+    for name, want in ref.items():
+        np.testing.assert_array_equal(data[name], want, err_msg=name)
+    assert np.abs(data["blk.0.attn_k.bias"]).max() > 0  # the tiny model's biases are not zero
+    f = lambda k: _field(r, k)  # noqa: E731
+    assert f("general.architecture") == "qwen2"
+    assert f("qwen2.block_count") == spec.n_layers
+    assert f("qwen2.embedding_length") == spec.hidden_size
+    assert f("qwen2.feed_forward_length") == spec.intermediate_size
+    assert f("qwen2.attention.head_count") == spec.n_heads
+    assert f("qwen2.attention.head_count_kv") == spec.n_kv_heads
+    assert f("qwen2.rope.freq_base") == pytest.approx(1e6) == spec.rope_theta
+    assert f("qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(spec.rms_eps)
+    assert f("qwen2.context_length") == qwen2.hf_config.max_position_embeddings
+    # transformers' Qwen2Tokenizer pre-tokenizes with Qwen2's split, which llama.cpp calls "qwen2"
+    assert f("tokenizer.ggml.model") == "gpt2" and f("tokenizer.ggml.pre") == "qwen2"
+
+
+def test_qwen2_q8_0_keeps_biases_f32(qwen2, tmp_path):
+    path = tmp_path / "q.q8_0.gguf"
+    rep = write_gguf(qwen2, path, quant="q8_0", progress=False)
+    indep = _independent_errors(path, _reference(qwen2, _hf_weights(qwen2)))
+    assert set(indep) == set(rep["tensors"])
+    for name, (ttype, _, rel_rms) in indep.items():
+        assert ttype == ("F32" if name.endswith((".bias", "norm.weight")) else "Q8_0"), name
+        assert rep["tensors"][name]["rel_rms"] == pytest.approx(rel_rms, rel=1e-3, abs=1e-9)
+    assert 0 < rep["errors"]["max_rel_rms"] < 0.01
+
+
+def test_qwen2_gguf_loads_back_in_transformers(qwen2, tmp_path, monkeypatch):
+    """transformers reads our qwen2 GGUF (its own un-mapping of names, no un-permutation for qwen2)
+    into a model computing the original's logits; sparsedge.load converts it like any GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    write_gguf(qwen2, tmp_path / "q.gguf", progress=False)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf", dtype=torch.float32)
+    orig = AutoModelForCausalLM.from_pretrained(str(qwen2.path), dtype=torch.float32)
+    ids = torch.arange(3, 23)[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(back(ids).logits.numpy(), orig(ids).logits.numpy(), atol=1e-4, rtol=0)
+    monkeypatch.setenv("SPARSEDGE_HOME", str(tmp_path / "home"))
+    m = load(str(tmp_path / "q.gguf"), progress=False)
+    assert m.kind == "gguf" and m.spec.rms_eps == pytest.approx(qwen2.spec.rms_eps)  # a float32 in GGUF
+    assert dataclasses.replace(m.spec, rms_eps=qwen2.spec.rms_eps) == qwen2.spec
+
+
 def test_what_llama_cpp_would_compute_differently_is_refused(gemma, tmp_path):
     odd = dataclasses.replace(gemma, spec=dataclasses.replace(gemma.spec, attn_scale=0.5))
     with pytest.raises(SparsedgeError, match="attention scale"):
         write_gguf(odd, tmp_path / "x.gguf", progress=False)
+    biased = dataclasses.replace(gemma, spec=dataclasses.replace(gemma.spec, arch="llama", act="silu", qk_norm=False,
+                                                                 sandwich_norm=False, norm_offset=0.0, embed_scale=1.0,
+                                                                 attn_scale=None, sliding_window=None, qkv_bias=True))
+    with pytest.raises(SparsedgeError, match="cannot write a llama GGUF: q/k/v biases"):
+        write_gguf(biased, tmp_path / "x.gguf", progress=False)
+    wide = dataclasses.replace(biased, spec=dataclasses.replace(biased.spec, arch="qwen2", head_dim=32))
+    with pytest.raises(SparsedgeError, match="cannot write a qwen2 GGUF: 4 heads of 32 for hidden size 64"):
+        write_gguf(wide, tmp_path / "x.gguf", progress=False)
     other = dataclasses.replace(gemma, spec=dataclasses.replace(gemma.spec, arch="mixtral"))
     with pytest.raises(SparsedgeError, match="no GGUF writer for architecture 'mixtral'"):
         write_gguf(other, tmp_path / "x.gguf", progress=False)

@@ -4,6 +4,7 @@ reference (dense, batched, and with a sparsity recipe in the graph), atomic writ
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,10 +13,18 @@ from sparsedge import SparsedgeError
 from sparsedge.arch import ModelSpec
 from sparsedge.export.onnx import MASK_VALUE, export_onnx, input_names, output_names
 
+from tiny import UNSUPPORTED, arch_params, hf_model, save_folder
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 TOL = 1e-4
+
+
+@pytest.fixture(params=arch_params("onnx"))
+def arch_name(request) -> str:
+    """conftest's architectures, those the exporter refuses skipped (see test_refused_architectures)."""
+    return request.param
 
 
 def _session(path):
@@ -160,3 +169,21 @@ def test_bad_input_leaves_nothing_and_reexport_replaces(tiny, tmp_path):
     again = export_onnx(rt.spec, rt.model.w, out, progress=False)
     assert again == first and sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED["onnx"]))
+def test_refused_architectures(name, tmp_path):
+    """What the graph cannot compute (Qwen2's q/k/v biases) is refused, not dropped: by the exporter,
+    and by an artifact export before it writes anything."""
+    from sparsedge import arch, load
+    from sparsedge.export.artifact import ExportConfig, export
+
+    m = hf_model(name)
+    spec = arch.spec_from_hf(m.config)
+    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["onnx"][name])):
+        export_onnx(spec, arch.canonical_weights(spec, m.state_dict()), tmp_path / "onnx", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    loaded = load(str(save_folder(name, tmp_path / "hf")), progress=False)
+    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["onnx"][name])):
+        export(loaded, tmp_path / "art", ExportConfig(formats=("gguf", "onnx")), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -214,16 +214,20 @@ def test_context_overflow_and_close(pair):
         small.forward([1])
 
 
-def test_llama_cpp_tokenizes_like_the_hf_tokenizer(tmp_path):
-    """tokens, merges, token types and pre-tokenizer in the GGUF reproduce the HF tokenizer."""
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(tmp_path, arch_name):
+    """tokens, merges, token types and pre-tokenizer in the GGUF reproduce the HF tokenizer (for
+    qwen2 the one transformers' Qwen2Tokenizer builds: Qwen2's split, llama.cpp's "qwen2")."""
     from pydoc_data.topics import topics
 
     from tiny import hf_model, tiny_tokenizer
 
-    tok = tiny_tokenizer(400)  # a byte-level BPE with merges
-    hf_model("llama", vocab=len(tok)).save_pretrained(tmp_path / "hf")
+    tok = tiny_tokenizer(400, arch=arch_name)  # a byte-level BPE with merges
+    hf_model(arch_name, vocab=len(tok)).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
-    write_gguf(load(str(tmp_path / "hf"), progress=False), tmp_path / "m.gguf", progress=False)
+    loaded = load(str(tmp_path / "hf"), progress=False)
+    tok = loaded.tokenizer  # what transformers makes of the folder for this model family
+    write_gguf(loaded, tmp_path / "m.gguf", progress=False)
     text = topics[sorted(topics)[30]][:3000] + " 12345 x=3.14  caf\u00e9\n\n\tend"
     with LlamaCppRuntime(tmp_path / "m.gguf", n_ctx=64, threads=1) as rt:
         assert rt.tokenize(text).tolist() == tok(text, add_special_tokens=False)["input_ids"]
@@ -243,6 +247,22 @@ def test_artifact_runs_in_llama_cpp(tmp_path):
     with open_runtime(str(tmp_path / "art"), "llamacpp", threads=2) as rt:
         got = rt.forward(toks)
     want = TorchRuntime.from_loaded(loaded).forward(toks)
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_q8_0_gguf_runs_in_llama_cpp(arch_name, tmp_path):
+    """Our Q8_0 file of every architecture loads in llama.cpp (qwen2: F32 q/k/v biases beside Q8_0
+    weights) and stays close to the fp32 reference."""
+    loaded = load(str(save_folder(arch_name, tmp_path / "hf")), progress=False)
+    write_gguf(loaded, tmp_path / "m.q8_0.gguf", quant="q8_0", progress=False)
+    ref = TorchRuntime.from_loaded(loaded)
+    toks = _rand(ref, 16, 18)
+    with LlamaCppRuntime(tmp_path / "m.q8_0.gguf", n_ctx=64, threads=2) as rt:
+        assert rt.meta("general.architecture") == arch_name
+        got = rt.forward(toks)
+    want = ref.forward(toks)
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 

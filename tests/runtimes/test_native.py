@@ -27,7 +27,7 @@ except SparsedgeError as e:  # the C library is not built
 from sparsedge.runtimes.native import NativeRuntime, _lib  # noqa: E402
 from sparsedge.runtimes.native.loader import to_col, to_r8, weight_from_raw  # noqa: E402
 
-from tiny import hf_model  # noqa: E402
+from tiny import UNSUPPORTED, hf_model, save_folder  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 LEVELS = ["simd", "scalar"]
@@ -866,6 +866,21 @@ def test_malformed_files_raise(tmp_path, llama_f32):
         rt.forward([spec.vocab_size])
     with pytest.raises(SparsedgeError):
         rt.forward([1, 2], tree_mask=np.zeros((2, 2), bool))
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED["native"]))
+def test_refused_architectures(name, tmp_path):
+    """Our GGUF of an architecture the engine does not run (Qwen2: q/k/v biases, which the C
+    decoder step has no place for) is refused by name, not run without them."""
+    import re
+
+    from sparsedge import load
+    from sparsedge.export.gguf import write_gguf as export_gguf
+
+    loaded = load(str(save_folder(name, tmp_path / "hf")), progress=False)
+    export_gguf(loaded, tmp_path / "m.gguf", progress=False)
+    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["native"][name])):
+        NativeRuntime(tmp_path / "m.gguf")
 
 
 # ----------------------------------------------------------------------------- Gemma 3

@@ -16,7 +16,7 @@ from sparsedge.runtimes.base import tree_depths, tree_mask
 from sparsedge.runtimes.decoding import (CostCurve, GenerationConfig, SpecConfig, SpecStats, Target, generate,
                                          make_drafter, speculative_generate)
 from sparsedge.runtimes.npu import NpuRuntime, qnn_available
-from tiny import save_folder
+from tiny import UNSUPPORTED, arch_params, save_folder
 
 onnx = pytest.importorskip("onnx")
 needs_qnn = pytest.mark.skipif(not qnn_available(), reason="the QNN execution provider is not installed "
@@ -28,7 +28,7 @@ TOL = 1e-4
 FLAT = CostCurve([1, 8], [1.0, 1.0])
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+@pytest.fixture(scope="module", params=arch_params("npu"))
 def static_pair(request, tmp_path_factory):
     """A tiny model's torch reference and its fp32 static graphs (context 32; 1 and 4 tokens)."""
     from sparsedge import arch
@@ -98,6 +98,29 @@ def test_bad_use_is_a_clear_error(static_pair, tmp_path):
         NpuRuntime([paths[0], other], provider="cpu")
     with pytest.raises(SparsedgeError, match="no such"):
         NpuRuntime(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED["npu"]))
+def test_refused_architectures(name, tmp_path):
+    """Static graphs that would drop Qwen2's q/k/v biases are refused: by the exporter, and by an
+    npu artifact export before it writes anything."""
+    import re
+
+    from sparsedge import arch
+    from sparsedge.export.artifact import ExportConfig, export
+    from tiny import hf_model
+
+    m = hf_model(name)
+    spec = arch.spec_from_hf(m.config)
+    reason = re.escape(UNSUPPORTED["npu"][name])
+    with pytest.raises(SparsedgeError, match=reason):
+        export_onnx(spec, arch.canonical_weights(spec, m.state_dict()), tmp_path / "npu", static=StaticShape(32, 1),
+                    progress=False)
+    assert list(tmp_path.iterdir()) == []
+    loaded = load(str(save_folder(name, tmp_path / "hf")), progress=False)
+    with pytest.raises(SparsedgeError, match=reason):
+        export(loaded, tmp_path / "art", ExportConfig(formats=("npu",)), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 # ---- the npu artifact format on a tiny model -----------------------------------------------------

@@ -12,11 +12,18 @@ from sparsedge.runtimes import Runtime, tree_depths, tree_mask
 
 onnxruntime = pytest.importorskip("onnxruntime")
 from sparsedge.runtimes.onnxrt import OnnxRuntime  # noqa: E402
+from tiny import arch_params  # noqa: E402
 
 TOL = 1e-4  # fp32 graph vs fp32 torch on tiny models
 REAL_TOL = 1e-3  # on the real model (30 layers of float reassociation)
 PARENTS = [-1, 0, 0, 1, 1, 2, 3, 6]  # the branching 8-node tree of test_torch_ref
 PATH = [0, 1, 3, 6, 7]  # a root-to-leaf path of PARENTS
+
+
+@pytest.fixture(params=arch_params("onnx"))
+def arch_name(request) -> str:
+    """conftest's architectures, those the exporter refuses skipped (tests/export/test_onnx.py)."""
+    return request.param
 
 
 @pytest.fixture

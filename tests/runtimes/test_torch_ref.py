@@ -141,6 +141,45 @@ def test_missing_weight_is_a_clear_error(tiny):
         TorchRuntime(rt.spec, w)
 
 
+def test_qwen2_biases_are_required_and_used():
+    """Qwen2's q/k/v biases: a missing one is a clear error, and they change the function (so that
+    test_matches_transformers[qwen2] pins the bias adds)."""
+    from sparsedge.runtimes.torch_ref import TorchRuntime
+    from tiny import hf_model
+
+    m = hf_model("qwen2")
+    spec = arch.spec_from_hf(m.config)
+    assert spec.qkv_bias and spec.rope_theta == 1e6 and spec.tie_embeddings
+    w = arch.canonical_weights(spec, m.state_dict())
+    with pytest.raises(SparsedgeError, match="layers.1.k_bias"):
+        TorchRuntime(spec, {k: v for k, v in w.items() if k != "layers.1.k_bias"})
+    with pytest.raises(SparsedgeError, match="layers.0.v_bias.*expected \\(32,\\)"):
+        TorchRuntime(spec, {**w, "layers.0.v_bias": w["layers.0.v_bias"][:-1]})
+    toks = np.arange(3, 15)
+    zero = {k: v * 0 if k.endswith("_bias") else v for k, v in w.items()}
+    assert np.abs(TorchRuntime(spec, w).forward(toks) - TorchRuntime(spec, zero).forward(toks)).max() > 0.1
+
+
+def test_qwen2_configs_we_cannot_run_are_refused():
+    from tiny import hf_config
+
+    c = hf_config("qwen2")
+    c.use_sliding_window, c.sliding_window, c.max_window_layers = True, 8, 1
+    c.layer_types = ["full_attention"] + ["sliding_attention"] * 2
+    with pytest.raises(SparsedgeError, match="sliding-window attention \\(window 8 < context 512\\)"):
+        arch.spec_from_hf(c)
+    c.sliding_window = 512  # a window over the whole context is full attention
+    assert arch.spec_from_hf(c).layer_types == ["full"] * 3
+    c = hf_config("qwen2")
+    c.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
+    with pytest.raises(SparsedgeError, match="RoPE scaling 'yarn'"):
+        arch.spec_from_hf(c)
+    c = hf_config("qwen2")
+    c.hidden_act = "gelu"
+    with pytest.raises(SparsedgeError, match="Qwen2 activation 'gelu'"):
+        arch.spec_from_hf(c)
+
+
 @pytest.mark.slow
 def test_real_model_tree_and_keep(real_runtime, real_model):
     rt = real_runtime
