@@ -22,7 +22,7 @@ install-dev: $(BIN)/python llamacpp
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 # llama.cpp, the peer every report compares against, through llama-cpp-python, which compiles it
-# from source (about 13 minutes on 2 cores). Its default build is -march=native (GGML_NATIVE): on a
+# from source (about 5 minutes on 2 cores without mtmd). Its default build is -march=native (GGML_NATIVE): on a
 # Sapphire Rapids host that switches on ggml's AMX kernels, which segfault on every batch of two or
 # more tokens (llama.cpp issue 20824), and pip caches the wheel by version only, so a wheel built on
 # one CPU would be reused on the next machine's other CPU (SIGILL, or the wrong kernels). We build it
@@ -52,7 +52,7 @@ llamacpp: $(LLAMACPP_STAMP)
 $(LLAMACPP_STAMP): | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if ! ls $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-		echo "building llama-cpp-python $(LLAMACPP_VERSION) (llama.cpp from source, ~13 min on 2 cores)"; \
+		echo "building llama-cpp-python $(LLAMACPP_VERSION) (llama.cpp from source, ~5 min on 2 cores)"; \
 		echo "  CMAKE_ARGS=$(LLAMACPP_CMAKE_ARGS)"; \
 		rm -rf $(LLAMACPP_WHEELS).tmp && mkdir -p $(LLAMACPP_WHEELS).tmp && \
 		CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" FORCE_CMAKE=1 $(BIN)/python -m pip wheel -q --no-deps \
