@@ -19,7 +19,8 @@ graph stays plain MatMul/Softmax that every execution provider runs.
 
 Linear weights are stored transposed ([in, out]) so that every projection is ``MatMul(x, W)`` with
 an initializer W: the form ONNX Runtime's weight quantizers (MatMulNBits, dynamic int8, QDQ) look for.
-q/k/v are one MatMul (unless a recipe sparsifies q's input alone) and gate/up another.
+q/k/v are one MatMul (unless a recipe sparsifies q's input alone) and gate/up another; Qwen2's q/k/v
+biases are one Add after it (dynamic graphs only: the static NPU graphs refuse them, check_supported).
 
 Why the graph is built op by op (onnx.helper) and not traced with torch.onnx.export: measured on
 SmolLM2-135M here, the TorchScript tracer (deprecated since torch 2.9) gives ~2300 nodes after ONNX
@@ -220,12 +221,15 @@ def _rms_norm_fp16(g: "_Graph", x: str, eps: float, name: str) -> str:
 
 
 def check_supported(spec: ModelSpec, static: bool = False) -> None:
-    """Raise SparsedgeError for what the graph below does not compute: it adds no biases to its
-    projections, and a graph that silently dropped Qwen2's q/k/v biases would compute another
-    function than the torch reference."""
-    if spec.qkv_bias:
-        what = "the NPU static graphs do" if static else "the ONNX exporter does"
-        raise SparsedgeError(f"{what} not support q/k/v biases ({spec.arch}) yet; export the gguf format instead")
+    """Raise SparsedgeError for what the graph below does not compute or has not been checked to
+    compute. The dynamic graph adds Qwen2's q/k/v biases (and its int4/int8/QDQ variants keep the
+    Adds); the static (NPU) graphs refuse them for now: their QDQ quantization and the emulated HTP
+    backend have not been tested with the bias Adds (tests/runtimes/test_npu.py pins the refusal)."""
+    if spec.qkv_bias and static:
+        raise SparsedgeError(
+            f"the NPU static graphs do not support q/k/v biases ({spec.arch}) yet; "
+            "export the onnx or gguf format instead"
+        )
 
 
 def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: StaticShape | None = None):
@@ -340,6 +344,15 @@ def _build_graph(spec: ModelSpec, weights: Mapping[str, Any], recipe, static: St
         else:
             wqkv = np.concatenate([wq, w[p + "k"].T, w[p + "v"].T], axis=1)
             qkv = linear(h, p + "qkv", wqkv, p + "qkv_proj")
+        if spec.qkv_bias:
+            # Qwen2: one Add of [q_bias, k_bias, v_bias] [(nh + 2 nkv) hd] onto the projection's
+            # [b, s, (nh + 2 nkv) hd], before the heads are split and RoPE turns q and k (as the
+            # torch reference adds them). q's part takes the attention scale folded into W_q:
+            # (x W_q + b_q) scale = x (W_q scale) + b_q scale. A separate node (not a bias input of
+            # the MatMul) keeps every projection the plain MatMul(x, W) the weight quantizers take.
+            bq = w[p + "q_bias"] * (np.float32(1.0) if spec.qk_norm else scale)
+            bqkv = np.concatenate([bq, w[p + "k_bias"], w[p + "v_bias"]]).astype(np.float32)
+            qkv = g.op("Add", qkv, g.init(p + "qkv_bias", bqkv), name=p + "qkv_bias")
         qkv = g.op("Reshape", qkv, g.const([0, 0, nh + 2 * nkv, hd]))  # [b, s, heads, hd]
         qk, v = g.op("Split", qkv, g.const([nh + nkv, nkv]), axis=2, outputs=2)
         if spec.qk_norm:  # per-head norms of q (times the attention scale) and k, as one weight

@@ -23,7 +23,8 @@ TOL = 1e-4
 
 @pytest.fixture(params=arch_params("onnx"))
 def arch_name(request) -> str:
-    """conftest's architectures, those the exporter refuses skipped (see test_refused_architectures)."""
+    """conftest's architectures, any that tiny.UNSUPPORTED["onnx"] lists skipped (none now; Qwen2's
+    q/k/v biases: test_qwen2_biases_are_one_add_per_layer_and_matter)."""
     return request.param
 
 
@@ -171,19 +172,58 @@ def test_bad_input_leaves_nothing_and_reexport_replaces(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # no temp folder left behind
 
 
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED["onnx"]))
-def test_refused_architectures(name, tmp_path):
-    """What the graph cannot compute (Qwen2's q/k/v biases) is refused, not dropped: by the exporter,
-    and by an artifact export before it writes anything."""
-    from sparsedge import arch, load
-    from sparsedge.export.artifact import ExportConfig, export
+def test_qwen2_biases_are_one_add_per_layer_and_matter(tmp_path):
+    """Qwen2's q/k/v biases are one Add per layer on the fused projection, [q_bias * scale, k_bias,
+    v_bias] (the attention scale folded in as into W_q), and they are what makes the graph equal
+    the torch reference: the same graph with them zeroed is far from it. The static (NPU) graphs
+    still refuse them (tests/runtimes/test_npu.py)."""
+    from onnx import numpy_helper
 
-    m = hf_model(name)
+    from sparsedge import arch
+    from sparsedge.export.onnx import check_supported
+    from sparsedge.runtimes.onnxrt import OnnxRuntime
+    from sparsedge.runtimes.torch_ref import TorchRuntime
+
+    m = hf_model("qwen2")
     spec = arch.spec_from_hf(m.config)
-    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["onnx"][name])):
-        export_onnx(spec, arch.canonical_weights(spec, m.state_dict()), tmp_path / "onnx", progress=False)
-    assert list(tmp_path.iterdir()) == []
-    loaded = load(str(save_folder(name, tmp_path / "hf")), progress=False)
-    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["onnx"][name])):
-        export(loaded, tmp_path / "art", ExportConfig(formats=("gguf", "onnx")), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    w = arch.canonical_weights(spec, m.state_dict())
+    check_supported(spec)
+    with pytest.raises(SparsedgeError, match=re.escape(UNSUPPORTED["npu"]["qwen2"])):
+        check_supported(spec, static=True)
+    path = export_onnx(spec, w, tmp_path / "onnx", progress=False)
+    g = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    adds = [n for n in g.node if n.op_type == "Add" and any(x.endswith(".qkv_bias") for x in n.input)]
+    assert len(adds) == spec.n_layers
+    for i in range(spec.n_layers):
+        want = np.concatenate([w[f"layers.{i}.{b}_bias"].numpy() * (spec.scale if b == "q" else 1.0)
+                               for b in "qkv"])
+        np.testing.assert_allclose(inits[f"layers.{i}.qkv_bias"], want, rtol=1e-6, atol=0)
+
+    toks = np.random.default_rng(5).integers(0, spec.vocab_size, 20)
+    ref = TorchRuntime(spec, w).forward(toks)
+    np.testing.assert_allclose(OnnxRuntime(path, spec, threads=1).forward(toks), ref, atol=TOL, rtol=0)
+    zeroed = {k: v * 0 if k.endswith("_bias") else v for k, v in w.items()}
+    off = export_onnx(spec, zeroed, tmp_path / "zeroed", progress=False)
+    assert np.abs(OnnxRuntime(off, spec, threads=1).forward(toks) - ref).max() > 0.1
+
+
+def test_qwen2_artifact_with_gguf_and_onnx(tmp_path):
+    """An artifact export of a tiny Qwen2 in both formats writes the GGUF, the fp32 graph and its
+    int4 variant, and the fp32 graph of the artifact computes the torch reference's function."""
+    from sparsedge import load, open_runtime
+    from sparsedge.export.artifact import ExportConfig, export
+    from sparsedge.runtimes.torch_ref import TorchRuntime
+
+    loaded = load(str(save_folder("qwen2", tmp_path / "hf")), progress=False)
+    out = tmp_path / "art"
+    cfg = ExportConfig(formats=("gguf", "onnx"), gguf_quants=("f32",), onnx_quants=("fp32", "int4"))
+    man = export(loaded, out, cfg, progress=False)
+    assert man["spec"]["arch"] == "qwen2" and man["onnx_quants"] == ["fp32", "int4"]
+    assert {"model.f32.gguf", "onnx/model.onnx", "onnx/model.int4.onnx"} <= set(man["files"])
+    err = man["quality"]["onnx/model.int4.onnx"]["error"]
+    assert 0 < err["rel_rms_error"] <= 0.5, err
+    toks = np.random.default_rng(6).integers(0, loaded.spec.vocab_size, 16)
+    want = TorchRuntime(loaded.spec, loaded.state_dict()).forward(toks)
+    got = open_runtime(str(out), "onnxruntime", quant="fp32", threads=1).forward(toks)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
