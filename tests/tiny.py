@@ -12,9 +12,9 @@ ARCHS = ("llama", "gemma3", "qwen2")
 # that part skip those architectures (arch_params) and check the refusal instead, so support added
 # later shows up as a failing refusal test, to be removed with the entry here.
 UNSUPPORTED = {
-    "onnx": {"qwen2": "the ONNX exporter does not support q/k/v biases (qwen2) yet"},
+    "onnx": {},
     "npu": {"qwen2": "the NPU static graphs do not support q/k/v biases (qwen2) yet"},
-    "native": {"qwen2": "the native runtime runs llama and gemma3 GGUFs, not 'qwen2'"},
+    "native": {},
 }
 
 

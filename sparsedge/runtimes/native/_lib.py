@@ -27,7 +27,8 @@ class Mat(C.Structure):
 
 class Layer(C.Structure):
     _fields_ = [(n, Mat) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
-        (n, C.c_void_p) for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+        (n, C.c_void_p) for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm",
+                                  "q_bias", "k_bias", "v_bias")  # biases: NULL when absent
     ] + [("th", C.c_void_p * 6), ("th_n", C.c_int32 * 6), ("theta", C.c_float), ("window", C.c_int32)]
 
 

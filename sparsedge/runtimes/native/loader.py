@@ -51,6 +51,8 @@ LAYER_TENSORS = {
 }
 # the norm in front of the FFN: FFN_NORM (Llama) and FFN_PRE_NORM (Gemma 3) are both "ffn_norm"
 FFN_NORM = "ffn_norm"
+# canonical bias name -> the GGUF tensor whose ".bias" it is (Qwen2: blk.N.attn_q.bias, ...)
+BIAS_TENSORS = {"q_bias": "attn_q", "k_bias": "attn_k", "v_bias": "attn_v"}
 
 # Whether a recipe's sparse sites get the skipping layouts (COL: channel-major; ROW up: rows skipped
 # behind a gate threshold) or the dense ones (R8, where the CPU has those kernels) computing the
@@ -95,11 +97,15 @@ def _need(reader, key: str, kind=int) -> Any:
     return v
 
 
+# GGUF architectures the engine runs
+ARCHS = ("llama", "gemma3", "qwen2")
+
+
 def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
-    """The ModelSpec of a llama / gemma3 GGUF and the extras C needs (rope layout)."""
+    """The ModelSpec of a llama / gemma3 / qwen2 GGUF and the extras C needs (rope layout)."""
     a = _field(reader, "general.architecture")
-    if a not in ("llama", "gemma3"):
-        raise SparsedgeError(f"the native runtime runs llama and gemma3 GGUFs, not {a!r}")
+    if a not in ARCHS:
+        raise SparsedgeError(f"the native runtime runs {', '.join(ARCHS)} GGUFs, not {a!r}")
     H = _need(reader, f"{a}.embedding_length")
     n_heads = _need(reader, f"{a}.attention.head_count")
     n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_heads))
@@ -123,12 +129,16 @@ def spec_from_gguf(reader) -> tuple[ModelSpec, dict[str, Any]]:
     )
     if n_kv <= 0 or head_dim <= 0 or head_dim % 2:
         raise SparsedgeError(f"GGUF has {n_kv} KV heads of dimension {head_dim}")
-    if a == "llama":
-        rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if a in ("llama", "qwen2"):
+        rope_dim = int(_field(reader, f"{a}.rope.dimension_count", head_dim))
         if rope_dim != head_dim:
             raise SparsedgeError(f"partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
-        spec = ModelSpec(arch="llama", act="silu", **common)
-        return spec, {"rope_neox": 0}
+        if a == "llama":  # q/k rows permuted by the converter into interleaved pairs (2j, 2j+1)
+            return ModelSpec(arch="llama", act="silu", **common), {"rope_neox": 0}
+        # Qwen2: Llama's graph plus q/k/v biases; q/k stored in the HF layout, so NEOX rotary
+        # (pairs (j, j + hd/2)), as llama.cpp's qwen2 graph runs it. llama.cpp's qwen2 has no
+        # sliding window (a key for one is ignored, as there), q/k norm or sandwich norm.
+        return ModelSpec(arch="qwen2", act="silu", qkv_bias=True, **common), {"rope_neox": 1}
     window = _field(reader, "gemma3.attention.sliding_window")
     pattern = _field(reader, "gemma3.attention.sliding_window_pattern")
     if pattern is None:  # llama.cpp's default for Gemma 3: five local layers, then a global one
@@ -291,7 +301,7 @@ class NativeModel:
     spec: ModelSpec
     recipe: Any  # SparsityRecipe | None
     weights: dict[str, Weight]
-    norms: dict[str, np.ndarray]
+    norms: dict[str, np.ndarray]  # every 1-D vector: RMSNorm scales, and Qwen2's q/k/v biases
     thresholds: dict[tuple[int, str], np.ndarray]
     c_model: _lib.Model
     c_layers: Any
@@ -396,6 +406,9 @@ class NativeModel:
             if spec.sandwich_norm:
                 norms[f"layers.{i}.post_attn_norm"] = vec(f"blk.{i}.post_attention_norm.weight", H)
                 norms[f"layers.{i}.post_ffn_norm"] = vec(f"blk.{i}.post_ffw_norm.weight", H)
+            if spec.qkv_bias:  # Qwen2: [QD], [KD], [KD]; required (a file without them computes another function)
+                for canon, n in (("q_bias", QD), ("k_bias", KD), ("v_bias", KD)):
+                    norms[f"layers.{i}.{canon}"] = vec(f"blk.{i}.{BIAS_TENSORS[canon]}.bias", n)
 
         thresholds: dict[tuple[int, str], np.ndarray] = {}
         if rec is not None:
@@ -411,7 +424,8 @@ class NativeModel:
             L = layers[i]
             for canon in shapes:
                 setattr(L, canon, weights[f"layers.{i}.{canon}"].mat())
-            for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+            for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm",
+                      "q_bias", "k_bias", "v_bias"):
                 a = norms.get(f"layers.{i}.{n}")
                 setattr(L, n, None if a is None else a.ctypes.data)
             for s, site in enumerate(SITES):

@@ -104,6 +104,10 @@ typedef struct {
 typedef struct {
     se_mat q, k, v, o, gate, up, down;
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm;
+    /* additive biases of the q, k, v projections (Qwen2), NULL when absent: q_bias [n_heads *
+     * head_dim], k_bias / v_bias [n_kv * head_dim], added to each token's product row before the
+     * q/k norms and RoPE (they rotate with q and k) */
+    const float *q_bias, *k_bias, *v_bias;
     const float *th[N_SITES]; /* NULL: site off */
     int32_t th_n[N_SITES];    /* 1: one threshold for all channels; else one per channel */
     float theta;
@@ -1711,11 +1715,16 @@ SE_API int se_forward(const se_model *m, se_cache *c, int k, const int32_t *toke
                 if (n) mm_rows_multi(n, W, X, QA, Y, k);
             }
             PROF(P_QKV);
-            /* C: q/k norms, RoPE, append to the cache */
+            /* C: q/k/v biases, q/k norms, RoPE, append to the cache. The biases are added here, on
+             * the finished product rows, so they are the same one float add per value whatever
+             * the weight's layout (ROW / R8 / COL), k or the thread count. */
             OMP_FOR
             for (int t = 0; t < k; t++) {
                 float *qt = q + (size_t)t * QD, *kt = kk + (size_t)t * KD, *vt = vv + (size_t)t * KD;
                 float *cs = ropecs + (size_t)t * hd;
+                if (L->q_bias) for (int i = 0; i < QD; i++) qt[i] += L->q_bias[i];
+                if (L->k_bias) for (int i = 0; i < KD; i++) kt[i] += L->k_bias[i];
+                if (L->v_bias) for (int i = 0; i < KD; i++) vt[i] += L->v_bias[i];
                 if (m->qk_norm) {
                     for (int i = 0; i < nh; i++) rmsnorm_row(qt + i * hd, qt + i * hd, L->q_norm, hd, m->eps);
                     for (int i = 0; i < nkv; i++) rmsnorm_row(kt + i * hd, kt + i * hd, L->k_norm, hd, m->eps);
