@@ -116,7 +116,9 @@ def register(arch: Arch) -> Arch:
 
 
 def _load_all() -> None:
-    if not _REGISTRY:
+    # every module, not only while the registry is empty: one architecture module may import
+    # another (qwen2 builds on llama), which would leave the registry partly filled
+    if len(_REGISTRY) < len(_MODULES):
         for m in _MODULES:
             importlib.import_module(f"{__name__}.{m}")
 

@@ -24,15 +24,11 @@ HF_NAMES = {
 }
 
 
-def spec_from_hf(c: Any) -> ModelSpec:
-    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        raise SparsedgeError("Llama models with attention or MLP biases are not supported")
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise SparsedgeError(f"Llama activation {c.hidden_act!r} is not supported (only silu)")
+def llama_like_fields(c: Any) -> dict[str, Any]:
+    """ModelSpec fields of a Llama-shaped transformers config (Llama, Qwen2): every field but arch."""
     rp = rope_params(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return ModelSpec(
-        arch="llama",
+    return dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -48,6 +44,14 @@ def spec_from_hf(c: Any) -> ModelSpec:
         bos_token_id=getattr(c, "bos_token_id", None),
         eos_token_ids=_eos_list(c),
     )
+
+
+def spec_from_hf(c: Any) -> ModelSpec:
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise SparsedgeError("Llama models with attention or MLP biases are not supported")
+    if getattr(c, "hidden_act", "silu") != "silu":
+        raise SparsedgeError(f"Llama activation {c.hidden_act!r} is not supported (only silu)")
+    return ModelSpec(arch="llama", **llama_like_fields(c))
 
 
 ARCH = register(Arch("llama", ("llama",), spec_from_hf, HF_NAMES))

@@ -160,18 +160,23 @@ def _refuse(cond: bool, what: str, arch: str) -> None:
         raise SparsedgeError(f"cannot write a {arch} GGUF: {what} (llama.cpp would compute another function)")
 
 
+def _check_llama_like(spec: ModelSpec, arch: str) -> None:
+    """What llama.cpp's Llama-shaped graphs (llama, qwen2) do not compute."""
+    _refuse(spec.act != "silu", f"activation {spec.act}", arch)
+    _refuse(spec.qk_norm or spec.sandwich_norm or spec.norm_offset != 0.0 or spec.embed_scale != 1.0,
+            "Gemma-style norms or embedding scale", arch)
+    _refuse(spec.attn_scale is not None and abs(spec.attn_scale * spec.head_dim**0.5 - 1) > 1e-6,
+            f"attention scale {spec.attn_scale}", arch)
+    _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", arch)
+    _refuse(spec.sliding_window is not None, "sliding-window attention", arch)
+
+
 class LlamaGGUF(GGUFArch):
     name = "llama"
     tensors = LLAMA_TENSORS
 
     def check(self, spec: ModelSpec) -> None:
-        _refuse(spec.act != "silu", f"activation {spec.act}", self.name)
-        _refuse(spec.qk_norm or spec.sandwich_norm or spec.norm_offset != 0.0 or spec.embed_scale != 1.0,
-                "Gemma-style norms or embedding scale", self.name)
-        _refuse(spec.attn_scale is not None and abs(spec.attn_scale * spec.head_dim**0.5 - 1) > 1e-6,
-                f"attention scale {spec.attn_scale}", self.name)
-        _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", self.name)
-        _refuse(spec.sliding_window is not None, "sliding-window attention", self.name)
+        _check_llama_like(spec, self.name)
         _refuse(spec.qkv_bias, "q/k/v biases", self.name)
 
     def hparams(self, w, spec: ModelSpec, context_length: int) -> None:
@@ -239,13 +244,7 @@ class Qwen2GGUF(GGUFArch):
     tensors = QWEN2_TENSORS
 
     def check(self, spec: ModelSpec) -> None:
-        _refuse(spec.act != "silu", f"activation {spec.act}", self.name)
-        _refuse(spec.qk_norm or spec.sandwich_norm or spec.norm_offset != 0.0 or spec.embed_scale != 1.0,
-                "Gemma-style norms or embedding scale", self.name)
-        _refuse(spec.attn_scale is not None and abs(spec.attn_scale * spec.head_dim**0.5 - 1) > 1e-6,
-                f"attention scale {spec.attn_scale}", self.name)
-        _refuse(spec.final_logit_softcap is not None, "final logit soft-capping", self.name)
-        _refuse(spec.sliding_window is not None, "sliding-window attention", self.name)
+        _check_llama_like(spec, self.name)
         # llama.cpp's qwen2 shapes attn_q and attn_output as [hidden, hidden] and derives head_dim
         # as hidden / heads (the biases themselves are optional there)
         _refuse(spec.n_heads * spec.head_dim != spec.hidden_size,
