@@ -348,6 +348,29 @@ def test_the_installed_llama_cpp_is_a_portable_build():
         assert {"AVX2", "FMA", "F16C"} <= feats, info
         beyond = {f for f in feats if f.startswith(("AVX512", "AVX_VNNI", "AMX"))}
         assert not beyond, f"llama.cpp was compiled for {sorted(beyond)}: not a portable build ({info})"
+        _no_avx512_or_amx_instructions()
+
+
+def _no_avx512_or_amx_instructions() -> None:
+    """The CPU backend's machine code itself: no zmm register (AVX-512) and no AMX tile
+    instruction anywhere in it, so no code path can reach the AMX kernels that crash (llama.cpp
+    issue 20824) or fault on a CPU without AVX-512. Needs binutils' objdump (there with gcc)."""
+    import importlib.util
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    lib = Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib"
+    cpu = sorted(lib.glob("libggml-cpu*.so*"))
+    assert cpu, f"no libggml-cpu in {lib}"
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(cpu[0])], capture_output=True, text=True,
+                         check=True).stdout
+    bad = [ln.strip() for ln in asm.splitlines() if "%zmm" in ln or any(
+        op in ln for op in ("tdpbssd", "tdpbsud", "tdpbusd", "tdpbuud", "tileloadd", "ldtilecfg", "tdpbf16ps"))]
+    assert not bad, f"{cpu[0].name} holds AVX-512 / AMX instructions, e.g. {bad[:3]}"
 
 
 # ----------------------------------------------------------------------------- the real model
