@@ -378,6 +378,35 @@ def test_model_drafter_needs_the_same_tokenizer(tiny_art, tmp_path):
         make_drafter(f"model:{folder}@torch", Target(rt, tiny_art["art"]))
 
 
+@pytest.mark.parametrize("runtime", ["native", "onnxruntime"])
+def test_model_drafter_by_name_is_exported_once_for_the_targets_runtime(tiny_art, tmp_path, monkeypatch, runtime):
+    """model:NAME without @RUNTIME: a model that is not an artifact drafts on the target's runtime,
+    exported once in the target's quant into the cache (the second drafter reuses it), and
+    speculative output still equals plain greedy."""
+    from sparsedge.export import artifact as artifact_mod
+
+    monkeypatch.setenv("SPARSEDGE_HOME", str(tmp_path / "home"))
+    exports, real = [], artifact_mod.export
+    monkeypatch.setattr(artifact_mod, "export", lambda *a, **k: exports.append(a[2]) or real(*a, **k))
+    rt = open_runtime(tiny_art["art"], runtime, threads=1)
+    tgt = Target(rt, tiny_art["art"], runtime, {"threads": 1})
+    src = tiny_art["dir"] / "hf2"  # an HF folder with the target's tokenizer
+    fmt, quant = {"native": ("gguf", "f32"), "onnxruntime": ("onnx", "fp32")}[runtime]  # the target's
+    dr = make_drafter(f"model:{src}", tgt)
+    assert dr.rt.name == runtime
+    (out,) = (tmp_path / "home" / "drafts").iterdir()
+    assert f"-{fmt}-{quant}-" in out.name and (out / "manifest.json").is_file()
+    assert [c.formats for c in exports] == [(fmt,)]
+    make_drafter(f"model:{src}", tgt).close()  # cached: no second export
+    assert len(exports) == 1
+    prompt = tiny_art["prompts"][0]
+    want = list(generate(rt, prompt, GenerationConfig(max_new_tokens=24)))
+    got = list(speculative_generate(rt, prompt, GenerationConfig(max_new_tokens=24), dr,
+                                    SpecConfig(mode="spec", budget=8, cost=FLAT)))
+    assert got == want
+    dr.close()
+
+
 def test_bad_spec_configs():
     with pytest.raises(SparsedgeError, match="unknown decoding mode"):
         SpecConfig(mode="beam")

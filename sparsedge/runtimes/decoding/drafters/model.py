@@ -9,6 +9,8 @@ probability drops below the verifier's ``min_prob`` (SpecDec++-style early stop)
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,27 +103,79 @@ def default_runtime(loaded: Any) -> str:
     return "torch"
 
 
+# the artifact format each runtime runs; a draft model that is not an artifact yet is exported to it
+RUNTIME_FORMATS = {"native": "gguf", "llamacpp": "gguf", "onnxruntime": "onnx"}
+DEFAULT_QUANTS = {"gguf": "q4_0", "onnx": "int4"}
+
+
+def _target_quant(target: Target, fmt: str) -> str:
+    """The quant the target runs in ``fmt``: its --quant, else its artifact's first one, else the
+    export default (q4_0 / int4), so that draft and target read weights of one kind."""
+    from ....sources import LoadedModel
+
+    q = target.opts.get("quant")
+    m = target.model
+    if q is None and isinstance(m, LoadedModel) and m.manifest is not None:
+        q = next(iter(m.manifest.get(f"{fmt}_quants") or []), None)
+    if q is None and isinstance(m, (str, Path)) and str(m).endswith(".gguf") and fmt == "gguf":
+        q = Path(m).stem.rpartition(".")[2] or None  # model.q8_0.gguf -> q8_0
+    return q or DEFAULT_QUANTS[fmt]
+
+
+def draft_artifact(loaded: Any, fmt: str, quant: str, progress: bool = False) -> Path:
+    """The draft model as an artifact of one format and quant, exported on first use and cached
+    under home()/drafts/ (keyed by the source's files, the format, the quant and the sparsedge
+    version): a draft is exported once, not per run."""
+    from .... import __version__
+    from ....export.artifact import ExportConfig, export
+    from ....sources import home
+
+    src = Path(loaded.path)
+    h = hashlib.sha256(f"{src.resolve()}|{fmt}|{quant}|{__version__}".encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"|{f.name} {st.st_size} {st.st_mtime_ns}".encode())
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in loaded.name.split("/")[-1])
+    out = home() / "drafts" / f"{name}-{fmt}-{quant}-{h.hexdigest()[:12]}"
+    if not (out / "manifest.json").is_file():  # export writes to a temp folder and renames
+        formats = ExportConfig(formats=(fmt,), gguf_quants=(quant,) if fmt == "gguf" else (),
+                               onnx_quants=(quant,) if fmt == "onnx" else ())
+        export(loaded, out, formats, progress=progress)
+    return out
+
+
 @register("model")
 def _make(target: Target, arg: str | None) -> RuntimeDrafter:
+    """``model:NAME[@RUNTIME]``: NAME is a built-in (e.g. qwen2.5-coder-0.5b), an HF folder, a
+    .gguf or an artifact. A model that is not an artifact runs on the target's runtime, exported
+    once in the target's quant (draft_artifact); RUNTIME overrides where it runs."""
     from ... import open_runtime
     from ....sources import load
 
     if not arg:
-        raise SparsedgeError("the model drafter needs a model: --drafter model:PATH[@RUNTIME]")
+        raise SparsedgeError("the model drafter needs a model: --drafter model:NAME|PATH[@RUNTIME]")
     path, _, runtime = arg.partition("@")
     loaded = load(path)
     tgt_tok = getattr(target.model, "tokenizer", None)
     check_same_tokenizer(tgt_tok, loaded.tokenizer)
     if loaded.spec.vocab_size != target.runtime.vocab_size:
         raise SparsedgeError(f"draft vocabulary {loaded.spec.vocab_size} != target's {target.runtime.vocab_size}")
-    rt = open_runtime(loaded, runtime or default_runtime(loaded), threads=target.opts.get("threads"))
+    if loaded.manifest is None and not runtime:
+        runtime = target.runtime_name
+    runtime = runtime or default_runtime(loaded)
+    opts = {"threads": target.opts.get("threads")}
+    fmt = RUNTIME_FORMATS.get(runtime)
+    if loaded.manifest is None and fmt is not None:
+        quant = _target_quant(target, fmt)
+        loaded = load(str(draft_artifact(loaded, fmt, quant)), progress=False)
+        opts["quant"] = quant
+    rt = open_runtime(loaded, runtime, **opts)
     return RuntimeDrafter(rt, "model")
 
 
 def target_gguf(target: Target):
     """The GGUF file the target runs (or its artifact's best one), or None."""
-    from pathlib import Path
-
     from ....sources import LoadedModel, artifact_file
 
     m = target.model
