@@ -501,9 +501,10 @@ def probe(gguf_path: str | Path, threads: int | None = None, timeout_s: float = 
         except (ValueError, TypeError):
             marker.unlink(missing_ok=True)
     try:
-        r = subprocess.run(_probe_command(path, threads), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return ProbeResult(False, -1, f"did not finish within {timeout_s:.0f} s")
+        r = subprocess.run(_probe_command(path, threads), capture_output=True, text=True, timeout=timeout_s,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # a hang, not a crash: 124 as timeout(1) reports it, no AMX hint
+        return ProbeResult(False, 124, f"did not finish within {timeout_s:.0f} s")
     if r.returncode == 0:
         res = ProbeResult(True, 0, r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "")
         marker.parent.mkdir(parents=True, exist_ok=True)
