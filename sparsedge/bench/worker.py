@@ -21,11 +21,9 @@ def main(argv: list[str]) -> int:
     # and, for llama.cpp, the native log lines written before the crash; the parent reports both.
     faulthandler.enable()
     if job["runtime"] == "llamacpp":
-        from ..runtimes import llamacpp
+        from ..runtimes.llamacpp import log_crashes_to_stderr
 
-        llamacpp.load_library()
-        llamacpp.tee_log(2)
-        print(f"llama.cpp system info: {llamacpp.system_info()}", file=sys.stderr, flush=True)
+        log_crashes_to_stderr()
 
     def progress(n: int) -> None:
         print(f"progress {n}", flush=True)

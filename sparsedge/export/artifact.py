@@ -134,11 +134,10 @@ def export(loaded, out: str | Path, cfg: ExportConfig, recipe=None, progress: bo
         raise SparsedgeError(f"{out} exists and is not an artifact folder; refusing to replace it")
     _check_quants(cfg)
     spec = loaded.spec
-    for fmt in ("onnx", "npu"):  # what a graph cannot compute is refused before any file is written
-        if fmt in cfg.formats:
-            from .onnx import check_supported
+    if "npu" in cfg.formats:  # what the static graphs cannot compute is refused before any file is written
+        from .onnx import check_supported
 
-            check_supported(spec, static=fmt == "npu")
+        check_supported(spec, static=True)
     if recipe is not None:
         recipe.validate(spec)
     out.parent.mkdir(parents=True, exist_ok=True)

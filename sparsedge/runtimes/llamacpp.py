@@ -64,6 +64,17 @@ def tee_log(fd: int | None) -> None:
     _TEE_FD = fd
 
 
+def log_crashes_to_stderr() -> str:
+    """For a process that may die inside llama.cpp (a bench job, the probe's child): its stderr
+    gets llama.cpp's system-info line first, then every native log line as it comes (tee_log), so
+    the log of a crash says which kernels ran and what llama.cpp did last. Returns that first line."""
+    load_library()
+    line = f"llama.cpp system info: {system_info()}"
+    os.write(2, (line + "\n").encode())
+    tee_log(2)
+    return line
+
+
 def system_info() -> str:
     """llama.cpp's system-info line: the CPU features its kernels were compiled for and the
     backends in this build, e.g. "CPU : SSE3 = 1 | ... | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 |
@@ -532,9 +543,7 @@ def _probe_child(path: str, threads: int) -> int:
     import faulthandler
 
     faulthandler.enable()
-    load_library()
-    tee_log(2)
-    os.write(2, f"llama.cpp system info: {system_info()}\n".encode())
+    info = log_crashes_to_stderr()
     with LlamaCppRuntime(path, n_ctx=64, threads=threads, n_batch=16, max_branches=1) as rt:
         toks = np.arange(1, PROBE_TOKENS + 1) % rt.vocab_size
         out = rt.forward(toks)
@@ -542,7 +551,7 @@ def _probe_child(path: str, threads: int) -> int:
     if not np.isfinite(out).all():
         print("llama.cpp returned non-finite logits", file=sys.stderr)
         return 3
-    print(f"llama.cpp system info: {system_info()}")
+    print(info)
     return 0
 
 
