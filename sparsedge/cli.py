@@ -256,8 +256,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    import dataclasses
-
     from .bench import BenchConfig, bench
 
     given = {k: v for k, v in {
@@ -271,7 +269,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         given["reference"] = False
     if a.in_process:
         given["isolate"] = False
-    cfg = BenchConfig.quick(**given) if a.quick else dataclasses.replace(BenchConfig(), **given)
+    cfg = BenchConfig.quick(**given) if a.quick else BenchConfig.for_model(a.model, **given)
     report = bench(a.model, a.output, cfg)  # progress bars on stderr
     if a.json:
         _emit(report)
@@ -280,7 +278,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
             sp = f"x{c['speedup']:.2f}" if c["speedup"] else ""
             ppl = f"ppl {c['ppl']:.3f}" if c["ppl"] else "ppl n/a"
             acc = f"  {c['mean_accepted']:.2f} tok/step" if c["mean_accepted"] else ""
-            print(f"{c['runtime']:12s} {c['variant']:14s} {c['decode']:22s} {c['decode_tok_s']:8.1f} tok/s "
+            print(f"{c['runtime']:12s} {c['variant']:14s} {c.get('quant') or '-':13s} {c['decode']:22s} "
+                  f"{c['decode_tok_s']:8.1f} tok/s "
                   f"{sp:6s}  {ppl}{acc}")
         print(f"wrote {a.output}/report.md, report.json and plots in {report['elapsed_s']:.0f}s")
     errs = report["errors"]
@@ -411,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
         sp.add_argument("--runtime", default="torch", help="torch (reference), llamacpp, onnxruntime, native "
                         "(sparse C kernels) or npu (static QDQ graphs of --target qualcomm-npu); all but torch "
-                        "run artifact folders (default: torch)")
+                        "run artifact folders, and llamacpp also a model that came as a GGUF (a built-in's "
+                        "registry file, your .gguf) as it is (default: torch)")
         sp.add_argument("--provider", choices=("qnn", "cpu"), help="--runtime npu: the QNN HTP backend (default; "
                         "CPU fallback disabled) or ONNX Runtime's CPU provider on the same graphs")
         sp.add_argument("--quant", help="which file of an artifact to run (e.g. q4_0, f32, int4, fp32); "
@@ -532,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "dense model, acceptance statistics, and whether speculative output equals greedy's. "
                        "Medians over repeats. Writes OUT/report.json, OUT/report.md and PNG plots. Given a "
                        "model (not an artifact), exports what the runtimes need into OUT/artifacts first "
-                       "(reused by a rerun).")
+                       "(reused by a rerun). A model that came as a GGUF (a built-in's registry file) also runs "
+                       "on llama.cpp as it is, the peer a user would run. Built-ins may carry a preset of "
+                       "defaults: qwen2.5-coder-1.5b runs GGUF q4_0 and q8_0 and decodes with its 0.5B sibling "
+                       "as draft model (model:qwen2.5-coder-0.5b), n-grams and both; options given win.")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
                    help=MODEL_HELP + "; or an artifact folder from 'sparsedge export'")
     s.add_argument("-o", "--output", required=True, help="folder for report.json, report.md and the plots")
@@ -557,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppl-window", type=int, help="perplexity window (default 512)")
     s.add_argument("--no-reference", action="store_true", help="skip the fp32 torch reference perplexity")
     s.add_argument("--threads", type=int, help="CPU threads per runtime (default: every usable core)")
-    s.add_argument("--gguf-quant", help="GGUF type exported and run (default q4_0)")
+    s.add_argument("--gguf-quant", help="GGUF types exported and run by native and llama.cpp, a comma list: the "
+                   "first runs every variant and decoding, the others dense greedy (default q4_0; a built-in's "
+                   "preset may set more, e.g. q4_0,q8_0 for qwen2.5-coder-1.5b)")
     s.add_argument("--onnx-quant", help="ONNX type exported and run, also GenAI's build precision (default int4)")
     s.add_argument("--budget", type=int, help="most draft tokens per verification (default 16)")
     s.add_argument("--warm", type=int, help="seed ngram / recycle drafters with N calibration-corpus tokens (default 0)")

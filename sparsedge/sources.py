@@ -51,7 +51,14 @@ class Builtin:
     size: int
     sha256: str
     licence_note: str = ""
+    bench: dict = field(default_factory=dict)  # `sparsedge bench NAME` defaults (BenchConfig fields)
 
+
+# the real-size pair's bench preset: both GGUF types native and llama.cpp compare on, the 0.5B
+# sibling as draft model, n-grams, and both merged into one tree
+_QWEN_DRAFT = "model:qwen2.5-coder-0.5b"
+QWEN_BENCH = {"gguf_quant": "q4_0,q8_0",
+              "decodes": ("greedy", f"tree:{_QWEN_DRAFT}", "tree:ngram", f"tree:{_QWEN_DRAFT},ngram")}
 
 BUILTINS: dict[str, Builtin] = {
     b.name: b
@@ -96,6 +103,7 @@ BUILTINS: dict[str, Builtin] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             licence_note="Qwen2.5-Coder-1.5B-Instruct is provided under the Apache License 2.0.",
+            bench=QWEN_BENCH,
         ),
         Builtin(
             # general.name "Qwen2.5 Coder 0.5B Instruct AWQ": converted from the AWQ checkpoint;
@@ -243,6 +251,18 @@ def _gguf_field(path: Path, key: str) -> Any:
     return f.contents()
 
 
+def gguf_file_type(path: Path) -> str:
+    """The file type a GGUF's header declares, as llama.cpp names it (e.g. Q4_K_M, Q4_1; a file
+    may mix tensor types: Q4_K_M puts Q6_K on some tensors), or "unknown"."""
+    import gguf
+
+    v = _gguf_field(path, "general.file_type")
+    try:
+        return gguf.LlamaFileType(int(v)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        return "unknown"
+
+
 def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF through transformers into a plain fp32 HF folder at ``out`` (atomically)."""
     try:
@@ -338,6 +358,17 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     if marker is None or marker.get("sha256") != b.sha256:
         convert_gguf(gguf_path, hf, progress)
     return hf
+
+
+def source_gguf(loaded: "LoadedModel") -> Path | None:
+    """The GGUF file a model came as (a built-in's verified registry file, the user's .gguf), which
+    llama.cpp runs as it is; None for HF folders, hub ids and artifacts."""
+    if loaded.kind == "builtin":
+        p = home() / "models" / loaded.name / builtin(loaded.name).gguf_name
+        return p if p.is_file() else None
+    if loaded.kind == "gguf":
+        return Path(loaded.name).expanduser()
+    return None
 
 
 def is_pulled(name: str) -> bool:

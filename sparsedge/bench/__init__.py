@@ -49,11 +49,12 @@ class BenchConfig:
     ppl_window: int = 512
     reference: bool = True  # the dense model on the torch reference: the perplexity everything is compared to
     threads: int | None = None  # None: every usable core
-    gguf_quant: str = "q4_0"
+    gguf_quant: str = "q4_0"  # comma list (e.g. "q4_0,q8_0"): the first runs every variant and decoding, the rest dense greedy
     onnx_quant: str = "int4"
     budget: int = 16  # most draft tokens per verification
     warm: int = 0  # seed n-gram / recycle drafters with N calibration-corpus tokens
     calib_tokens: int = 16384  # for METHOD:S recipes
+    own_file: bool = True  # llama.cpp also runs the model's own GGUF (a built-in's registry file), greedy: the peer
     isolate: bool = True  # one process per runtime × variant (honest peak memory)
     work_dir: str | None = None  # artifacts, recipes, logs (default OUT/artifacts)
 
@@ -67,6 +68,17 @@ class BenchConfig:
             raise SparsedgeError("threads must be positive")
         for d in self.decodes:
             Decode.parse(d)
+        from ..quantize.gguf import check_quant
+
+        if not self.gguf_quants:
+            raise SparsedgeError("gguf_quant names at least one GGUF type, e.g. q4_0 or q4_0,q8_0")
+        for q in self.gguf_quants:
+            check_quant(q)
+
+    @property
+    def gguf_quants(self) -> tuple[str, ...]:
+        """The GGUF types run by native and llama.cpp; the first one is the main one."""
+        return tuple(dict.fromkeys(q.strip().lower() for q in self.gguf_quant.split(",") if q.strip()))
 
     @classmethod
     def quick(cls, **over: Any) -> "BenchConfig":
@@ -75,6 +87,15 @@ class BenchConfig:
         rounds, about 1 s of decoding per configuration and round, moved up to 10% on a rerun.)"""
         base = dict(prompts=4, max_new_tokens=96, repeats=5, ppl_tokens=1024, ppl_window=256, calib_tokens=4096)
         return cls(**{**base, **over})
+
+    @classmethod
+    def for_model(cls, model: str, **over: Any) -> "BenchConfig":
+        """The defaults of a built-in's bench preset (sources.Builtin.bench: e.g. the Qwen pair's
+        draft model, its quants), then the options given."""
+        from ..sources import BUILTINS
+
+        preset = BUILTINS[model].bench if model in BUILTINS else {}
+        return cls(**{**preset, **over})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,6 +107,7 @@ class _Plan:
     genai_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
+    own_file: Path | None = None  # the GGUF the model came as, which llama.cpp runs as the peer
 
 
 def _prepare(loaded, runtimes: list[str], recipes: list[RecipeSpec], cfg: BenchConfig, work: Path,
@@ -96,7 +118,7 @@ def _prepare(loaded, runtimes: list[str], recipes: list[RecipeSpec], cfg: BenchC
     proto = [r for r in runtimes if r != "genai"]
     if loaded.manifest is None:
         if proto:
-            art, reused = export_variant(loaded, work / "dense", proto, cfg.gguf_quant, cfg.onnx_quant,
+            art, reused = export_variant(loaded, work / "dense", proto, cfg.gguf_quants, cfg.onnx_quant,
                                          progress=progress)
             plan.variants.append(Variant("dense", art, None, proto))
             plan.artifacts["dense"] = {"path": str(art), "reused": reused}
@@ -119,10 +141,16 @@ def _prepare(loaded, runtimes: list[str], recipes: list[RecipeSpec], cfg: BenchC
         plan.notes.append(f"recipes need one of the runtimes {', '.join(RECIPE_RUNTIMES)}; none selected")
     for spec in recipes if sparse_rts else []:
         recipe = get_recipe(spec, loaded, work / "recipes", cfg.calib_tokens, progress)
-        art, reused = export_variant(loaded, work / spec.slug, sparse_rts, cfg.gguf_quant, cfg.onnx_quant,
+        art, reused = export_variant(loaded, work / spec.slug, sparse_rts, cfg.gguf_quants[:1], cfg.onnx_quant,
                                      recipe, progress)
         plan.variants.append(Variant(spec.label, art, recipe_summary(recipe), sparse_rts))
         plan.artifacts[spec.label] = {"path": str(art), "reused": reused, "recipe": recipe_summary(recipe)}
+    if cfg.own_file and "llamacpp" in runtimes and loaded.manifest is None:
+        from ..sources import source_gguf
+
+        plan.own_file = source_gguf(loaded)
+        if plan.own_file is not None:
+            plan.artifacts["file"] = {"path": str(plan.own_file), "reused": True}
     if "genai" in runtimes:
         from .genai import build_genai
 
@@ -151,17 +179,32 @@ def _jobs(model: str, loaded, plan: _Plan, cfg: BenchConfig, prompts: list[list[
     if ppl and cfg.reference and dense_source and installed("torch"):
         jobs.append({**common, "label": "reference", "model": model, "runtime": "torch", "variant": "reference",
                          "decodes": [], "repeats": 1})
-    quant = {"native": cfg.gguf_quant, "llamacpp": cfg.gguf_quant, "onnxruntime": cfg.onnx_quant}
+    quants = {"native": cfg.gguf_quants, "llamacpp": cfg.gguf_quants, "onnxruntime": (cfg.onnx_quant,)}
+    have = (loaded.manifest or {}).get("gguf_quants")
     for v in plan.variants:
         for r in v.runtimes:
             opts = {"recipe": False} if (r == "native" and v.name == "dense" and loaded.manifest
                                          and loaded.manifest.get("recipe")) else {}
-            jobs.append({**common, "label": f"{r}/{v.name}", "model": str(v.artifact), "runtime": r,
-                         "variant": v.name, "quant": quant.get(r), "open_opts": opts, "decodes": decodes})
+            qs = quants.get(r, (None,))
+            if have is not None and r in ("native", "llamacpp"):  # an artifact: the types it has
+                qs = tuple(q for q in qs if q in have) or (None,)
+            for i, q in enumerate(qs if v.name == "dense" else qs[:1]):
+                # the first type runs every decoding (and the recipes); the others dense greedy,
+                # for the same-type comparison with llama.cpp
+                jobs.append({**common, "label": f"{r}/{v.name}" + (f"@{q}" if i else ""), "model": str(v.artifact),
+                             "runtime": r, "variant": v.name, "quant": q, "open_opts": opts,
+                             "decodes": decodes if i == 0 else ["greedy"]})
+    own = plan.own_file
+    if own is not None:  # the peer as a user runs it: llama.cpp on the file the model came as
+        from ..sources import gguf_file_type
+
+        jobs.append({**common, "label": "llamacpp/dense@file", "model": model, "runtime": "llamacpp",
+                     "variant": "dense", "quant": None, "quant_label": f"file:{gguf_file_type(own)}",
+                     "decodes": ["greedy"]})
     if plan.genai_dir is not None:
         jobs.append({**common, "label": "genai/dense", "model": str(plan.variants[0].artifact) if plan.variants
                      else model, "runtime": "genai", "variant": "dense", "genai_dir": str(plan.genai_dir),
-                     "decodes": ["greedy"]})
+                     "quant_label": cfg.onnx_quant, "decodes": ["greedy"]})
     return jobs
 
 

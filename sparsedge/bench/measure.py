@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import SparsedgeError
 
 MODES = ("greedy", "spec", "tree")
+COST_KS = tuple(range(1, 17))  # the target's t(k)/t(1) in the report: every k one verification carries
 
 # How peak memory is measured (recorded in every report).
 MEMORY_METHOD = (
@@ -123,6 +124,7 @@ class SuiteRun:
     accepted: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    draft_forwards: int = 0  # forwards of a drafter that runs a model (the draft model's own steps)
     # per prompt, in prompt order: what summarize() takes medians of, prompt by prompt
     each_prefill_s: list[float] = field(default_factory=list)
     each_decode_s: list[float] = field(default_factory=list)
@@ -136,7 +138,7 @@ class SuiteRun:
         self.prefill_s += st.prefill_s
         self.decoded += max(st.new_tokens - 1, 0)
         self.decode_s += st.decode_s
-        for k in ("steps", "drafted", "accepted", "draft_s", "verify_s"):
+        for k in ("steps", "drafted", "accepted", "draft_s", "verify_s", "draft_forwards"):
             setattr(self, k, getattr(self, k) + getattr(st, k, 0))
         self.each_prefill_s.append(st.prefill_s)
         self.each_decode_s.append(st.decode_s)
@@ -152,7 +154,12 @@ class SuiteRun:
             out.update(steps=self.steps, drafted=self.drafted, accepted=self.accepted,
                        mean_accepted=(self.accepted + self.steps) / self.steps,
                        acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
-                       nodes_per_step=self.drafted / self.steps, draft_s=self.draft_s, verify_s=self.verify_s)
+                       nodes_per_step=self.drafted / self.steps, draft_s=self.draft_s, verify_s=self.verify_s,
+                       draft_forwards=self.draft_forwards,
+                       # where a step's time goes: drafting (the draft model's forwards included)
+                       # against the target's verification forward
+                       draft_share=self.draft_s / (self.draft_s + self.verify_s) if self.draft_s + self.verify_s else 0.0,
+                       draft_ms_step=1e3 * self.draft_s / self.steps, verify_ms_step=1e3 * self.verify_s / self.steps)
         out.update(each_prefill_s=self.each_prefill_s, each_decode_s=self.each_decode_s,
                    each_decoded=self.each_decoded, each_prompt_tokens=self.each_prompt_tokens)
         return out
@@ -313,6 +320,18 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
             rt.generate(prompts[0], full_cfg)
         else:
             list(generate(rt, prompts[0], full_cfg))
+    # the target's cost curve t(k)/t(1), k = 1..16, on the first prompt's cache (what a reader
+    # needs to see where a speculative step's time goes; speculative decodes without a fixed
+    # curve size their trees from this same measurement, cached per runtime)
+    target_cost = None
+    if not hasattr(rt, "generate"):
+        from ..runtimes.decoding.generate import prefill
+        from ..runtimes.decoding.speculative import measure_cost
+
+        rt.reset()
+        prefill(rt, np.asarray(prompts[0], dtype=np.int64))
+        tc, t1 = measure_cost(rt, prompts[0], ks=COST_KS)
+        target_cost = {"t1_ms": 1e3 * t1, "curve": tc.as_dict()}
     mode: dict[Decode, str] = {}
     curve: dict[Decode, dict] = {}
     for d in decodes:
@@ -367,6 +386,7 @@ def measure_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
         progress(1)
     getattr(rt, "close", lambda: None)()
     return {"label": job["label"], "runtime": job["runtime"], "variant": job["variant"],
+            "quant": job.get("quant_label") or job.get("quant"), "target_cost": target_cost,
             "runtime_file": str(getattr(rt, "path", "") or job.get("genai_dir", "")),
             "exact_trees": getattr(rt, "exact_trees", True), "threads": job["threads"], "load_s": load_s,
             "load_peak_rss_mb": load_peak, "base_rss_mb": base,

@@ -12,6 +12,11 @@ from pathlib import Path
 
 from .report import FILES
 
+def _label(c: dict) -> str:
+    q = f" {c['quant']}" if c.get("quant") else ""
+    return f"{c['runtime']}{q} / {c['variant']} / {c['decode']}"
+
+
 _COLORS = {"native": "tab:blue", "llamacpp": "tab:orange", "onnxruntime": "tab:green", "genai": "tab:purple",
            "torch": "tab:gray"}
 
@@ -29,7 +34,7 @@ def plot_tokens(report: dict, path: Path) -> None:
     plt = _plt()
     cs = report["configs"]
     fig, ax = plt.subplots(figsize=(8, 0.4 * max(len(cs), 3) + 1.2))
-    labels = [f"{c['runtime']} / {c['variant']} / {c['decode']}" for c in cs]
+    labels = [_label(c) for c in cs]
     vals = [c["decode_tok_s"] for c in cs]
     err = [[c["decode_tok_s"] - c["decode_tok_s_min"] for c in cs],
            [c["decode_tok_s_max"] - c["decode_tok_s"] for c in cs]]
@@ -77,7 +82,7 @@ def plot_acceptance(report: dict, path: Path) -> None:
     plt = _plt()
     spec = [c for c in report["configs"] if c["drafter"]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.4 * max(len(spec), 3) + 1.4), sharey=True)
-    labels = [f"{c['runtime']} / {c['variant']} / {c['decode']}" for c in spec]
+    labels = [_label(c) for c in spec]
     y = list(range(len(spec)))[::-1]
     colors = [_COLORS.get(c["runtime"], "tab:red") for c in spec]
     a1.barh(y, [c["mean_accepted"] for c in spec], color=colors)

@@ -20,7 +20,8 @@ FILES = {"json": "report.json", "md": "report.md", "tokens": "tokens_per_s.png",
          "speedup": "speedup_vs_ppl.png", "acceptance": "acceptance.png"}
 _DECODE_KEYS = ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "prefill_tok_s", "ttft_ms", "peak_rss_mb",
                 "identical", "identical_prompts", "prompts", "mean_accepted", "acceptance_rate", "nodes_per_step",
-                "steps", "cost_curve")
+                "steps", "cost_curve", "draft_s", "verify_s", "draft_forwards", "draft_share", "draft_ms_step",
+                "verify_ms_step")
 
 
 def _agree(a, b) -> float | None:
@@ -38,34 +39,47 @@ def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], promp
     errors = [{"job": r["label"], "error": r["error"]} for r in results if "error" in r]
     ref = next((r for r in ok if r["runtime"] == "torch" and r["variant"] == "reference"), None)
     ref_ppl = ref["ppl"] if ref else None
-    jobs = {(r["runtime"], r["variant"]): r for r in ok if r is not ref}
-    dense_argmax = {rt: (j["ppl"] or {}).get("argmax") for (rt, v), j in jobs.items() if v == "dense"}
-    dense_ppl = {rt: (j["ppl"] or {}).get("ppl") for (rt, v), j in jobs.items() if v == "dense"}
+    # a job is runtime × variant × quant (the GGUF / ONNX type it ran, or file:TYPE for the
+    # model's own GGUF); a variant compares to the dense model of the same runtime and type
+    jobs = {(r["runtime"], r["variant"], r.get("quant")): r for r in ok if r is not ref}
+    dense_argmax = {(rt, q): (j["ppl"] or {}).get("argmax") for (rt, v, q), j in jobs.items() if v == "dense"}
+    dense_ppl = {(rt, q): (j["ppl"] or {}).get("ppl") for (rt, v, q), j in jobs.items() if v == "dense"}
 
     runs, configs = [], []
-    for (rt, var), j in jobs.items():
+    for (rt, var, quant), j in jobs.items():
         q = j["ppl"] or {}
         gbps = j.get("host_gbps") or []  # the host's memory bandwidth around each round's process
         host_gbps = float(np.median(gbps)) if gbps else None
+        dppl = dense_ppl.get((rt, quant))
         quality = {"ppl": q.get("ppl"),
-                   "ppl_vs_dense": q["ppl"] / dense_ppl[rt] if q.get("ppl") and dense_ppl.get(rt) else None,
+                   "ppl_vs_dense": q["ppl"] / dppl if q.get("ppl") and dppl else None,
                    "ppl_vs_reference": q["ppl"] / ref_ppl["ppl"] if q.get("ppl") and ref_ppl else None,
-                   "top1_vs_dense": _agree(q.get("argmax"), dense_argmax.get(rt)),
+                   "top1_vs_dense": _agree(q.get("argmax"), dense_argmax.get((rt, quant))),
                    "top1_vs_reference": _agree(q.get("argmax"), ref_ppl and ref_ppl["argmax"])}
-        runs.append({"runtime": rt, "variant": var, "file": j["runtime_file"], "load_s": j["load_s"],
+        runs.append({"runtime": rt, "variant": var, "quant": quant, "file": j["runtime_file"], "load_s": j["load_s"],
                      "load_peak_rss_mb": j["load_peak_rss_mb"], "base_rss_mb": j["base_rss_mb"], "exact_trees": j["exact_trees"],
                      "eval_tokens": q.get("eval_tokens"), "ppl_peak_rss_mb": q.get("peak_rss_mb"),
+                     "target_cost": j.get("target_cost"),
                      "host_gbps": host_gbps, "host_gbps_rounds": gbps, **quality})
+        t1 = (j.get("target_cost") or {}).get("t1_ms")
         for d in j["decodes"]:
-            configs.append({"runtime": rt, "variant": var, "decode": d["decode"], "mode": d["mode"],
+            fw = d.get("draft_forwards")
+            configs.append({"runtime": rt, "variant": var, "quant": quant, "decode": d["decode"], "mode": d["mode"],
                             "drafter": d["drafter"], **{k: d.get(k) for k in _DECODE_KEYS}, **quality,
+                            # one draft forward in units of the target's t(1): what the verifier
+                            # prices a sequentially drafted token at (with t(k)/t(1))
+                            "draft_forward_vs_t1": (1e3 * d["draft_s"] / fw / t1) if fw and t1 else None,
                             "repeats": [r["decode_tok_s"] for r in d["repeats"]], "host_gbps": host_gbps})
-    base = {(c["runtime"], c["variant"]): c["decode_tok_s"] for c in configs if c["decode"] == "greedy"}
-    llama = base.get(("llamacpp", "dense"))
+    base = {(c["runtime"], c["variant"], c["quant"]): c["decode_tok_s"] for c in configs if c["decode"] == "greedy"}
+    main_q = cfg.gguf_quants[0] if hasattr(cfg, "gguf_quants") else None
+    own = next((k for k in base if k[0] == "llamacpp" and str(k[2]).startswith("file:")), None)
     for c in configs:
-        dense = base.get((c["runtime"], "dense"))
+        dense = base.get((c["runtime"], "dense", c["quant"]))
+        # llama.cpp on the same type when it ran it, else on the main GGUF type
+        llama = base.get(("llamacpp", "dense", c["quant"])) or base.get(("llamacpp", "dense", main_q))
         c["speedup"] = c["decode_tok_s"] / dense if dense else None
         c["vs_llamacpp"] = c["decode_tok_s"] / llama if llama else None
+        c["vs_llamacpp_file"] = c["decode_tok_s"] / base[own] if own else None
     memory = sorted({j["memory_method"] for j in ok})
     return {
         "format": 1, "sparsedge_version": __version__, "model": model,
@@ -137,31 +151,37 @@ def markdown(r: dict) -> str:
     if ref:
         lines += [f"Reference: the dense model on the torch runtime (fp32), perplexity {ref['ppl']:.4f} over "
                   f"{ref['eval_tokens']} tokens of {ref['corpus']} (hash {ref['corpus_hash']}).", ""]
+    own = next((c for c in r["configs"] if str(c.get("quant")).startswith("file:")), None)
     lines += ["## Speed", "",
               "Decode tok/s: tokens after the first over the time after the first; prefill tok/s: prompt tokens "
-              "over the time to the first token (TTFT, per prompt). Speedup: over the same runtime's dense "
-              "greedy; × llama.cpp: over llama.cpp's dense greedy. Identical: every speculative output equals "
-              "greedy's on that runtime, token for token (lossless).", "",
-              "| runtime | variant | decoding | decode tok/s | speedup | × llama.cpp | prefill tok/s | TTFT ms | "
-              "peak MB | tokens/step | acceptance | identical |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "over the time to the first token (TTFT, per prompt). Type: the GGUF / ONNX type run (file:TYPE: "
+              "the model's own GGUF as it came). Speedup: over the same runtime's dense greedy on that type; "
+              "× llama.cpp: over llama.cpp's dense greedy on the same type (else on the first GGUF type)"
+              + ("; × llama.cpp file: over llama.cpp greedy on the model's own file" if own else "")
+              + ". Identical: every speculative output equals greedy's on that runtime, token for token (lossless).",
+              "",
+              "| runtime | variant | type | decoding | decode tok/s | speedup | × llama.cpp | "
+              + ("× llama.cpp file | " if own else "") + "prefill tok/s | TTFT ms | peak MB | tokens/step | "
+              "acceptance | identical |",
+              "|---|---|---|---|---|---|---|" + ("---|" if own else "") + "---|---|---|---|---|---|"]
     for c in r["configs"]:
         same = "-" if not c["drafter"] else "yes" if c["identical"] else f"NO ({c['identical_prompts']}/{c['prompts']})"
         mode = c["decode"] + (" (chains)" if c["drafter"] and c["mode"] != c["decode"].split(":")[0] else "")
         lines.append(
-            f"| {c['runtime']} | {c['variant']} | {mode} | {c['decode_tok_s']:.1f} "
+            f"| {c['runtime']} | {c['variant']} | {c.get('quant') or '-'} | {mode} | {c['decode_tok_s']:.1f} "
             f"[{c['decode_tok_s_min']:.1f}-{c['decode_tok_s_max']:.1f}] | {_f(c['speedup'], '{:.2f}')} | "
-            f"{_f(c['vs_llamacpp'], '{:.2f}')} | {c['prefill_tok_s']:.0f} | {c['ttft_ms']:.1f} | {c['peak_rss_mb']:.0f} | "
+            f"{_f(c['vs_llamacpp'], '{:.2f}')} | " + (f"{_f(c.get('vs_llamacpp_file'), '{:.2f}')} | " if own else "")
+            + f"{c['prefill_tok_s']:.0f} | {c['ttft_ms']:.1f} | {c['peak_rss_mb']:.0f} | "
             f"{_f(c['mean_accepted'], '{:.2f}', '1.00')} | {_f(c['acceptance_rate'], '{:.2f}', '-')} | "
             f"{same} |")
     lines += ["", "## Quality", "",
               "Perplexity: the protocol of `sparsedge eval` on the held-out pydoc span. Top-1 vs dense: the fraction "
               "of positions whose argmax equals the same runtime's dense model's; vs reference: the fp32 torch "
               "model's. n/a: not measured on that runtime.", "",
-              "| runtime | variant | ppl | ppl / dense | ppl / reference | top-1 vs dense | top-1 vs reference | "
-              "load s | load peak MB | base MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| runtime | variant | type | ppl | ppl / dense | ppl / reference | top-1 vs dense | top-1 vs reference | "
+              "load s | load peak MB | base MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in r["runs"]:
-        lines.append(f"| {u['runtime']} | {u['variant']} | {_f(u['ppl'], '{:.3f}')} | {_f(u['ppl_vs_dense'], '{:.3f}')} | "
+        lines.append(f"| {u['runtime']} | {u['variant']} | {u.get('quant') or '-'} | {_f(u['ppl'], '{:.3f}')} | {_f(u['ppl_vs_dense'], '{:.3f}')} | "
                      f"{_f(u['ppl_vs_reference'], '{:.3f}')} | {_f(u['top1_vs_dense'], '{:.3f}')} | "
                      f"{_f(u['top1_vs_reference'], '{:.3f}')} | {u['load_s']:.2f} | {u['load_peak_rss_mb']:.0f} | "
                      f"{u['base_rss_mb']:.0f} |")
@@ -169,14 +189,33 @@ def markdown(r: dict) -> str:
     if spec:
         lines += ["", "## Speculative decoding", "",
                   "Tokens/step: tokens produced per verification forward (accepted drafts + the target's own); "
-                  "acceptance: accepted / verified draft nodes; cost curve: t(k)/t(1) measured on the runtime, "
-                  "which sizes the trees. Runtimes whose tree rows are not bit-exact verify chains.", "",
-                  "| runtime | variant | decoding | mode | steps | nodes/step | tokens/step | acceptance | t(k)/t(1) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "acceptance: accepted / verified draft nodes. Where a step's time goes: draft ms (proposing, "
+                  "the draft model's forwards included, and learning from the verification) and verify ms (the "
+                  "target's forward, acceptance, cache keep) per step, and the draft's share of the two; draft "
+                  "fwd / t(1): one draft-model forward in units of the target's one-token forward, which with the "
+                  "target's t(k)/t(1) prices every node the verifier takes. Runtimes whose tree rows are not "
+                  "bit-exact verify chains.", "",
+                  "| runtime | variant | type | decoding | mode | steps | nodes/step | tokens/step | acceptance | "
+                  "draft ms/step | verify ms/step | draft share | draft fwd / t(1) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in spec:
-            curve = ", ".join(f"{k}: {v:.2f}" for k, v in (c["cost_curve"] or {}).items())
-            lines.append(f"| {c['runtime']} | {c['variant']} | {c['decode']} | {c['mode']} | {c['steps']:.0f} | "
-                         f"{c['nodes_per_step']:.2f} | {c['mean_accepted']:.2f} | {c['acceptance_rate']:.2f} | {curve} |")
+            lines.append(f"| {c['runtime']} | {c['variant']} | {c.get('quant') or '-'} | {c['decode']} | {c['mode']} | "
+                         f"{c['steps']:.0f} | {c['nodes_per_step']:.2f} | {c['mean_accepted']:.2f} | "
+                         f"{c['acceptance_rate']:.2f} | {_f(c.get('draft_ms_step'))} | {_f(c.get('verify_ms_step'))} | "
+                         f"{_f(c.get('draft_share'), '{:.0%}')} | {_f(c.get('draft_forward_vs_t1'), '{:.2f}', '-')} |")
+    costs = [u for u in r["runs"] if u.get("target_cost")]
+    if costs:
+        ks = sorted({int(k) for u in costs for k in u["target_cost"]["curve"]})
+        lines += ["", "## Target cost curves", "",
+                  "t(k)/t(1): one forward of k tokens on top of the first prompt's cache, over one token's "
+                  "(medians of 3); t(1) in ms. A verification of k-1 draft nodes costs t(k): the trees and "
+                  "chains are sized from this curve.", "",
+                  "| runtime | variant | type | t(1) ms | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|---|---|---|" + "---|" * len(ks)]
+        for u in costs:
+            cv = {int(k): v for k, v in u["target_cost"]["curve"].items()}
+            lines.append(f"| {u['runtime']} | {u['variant']} | {u.get('quant') or '-'} | {u['target_cost']['t1_ms']:.1f} | "
+                         + " | ".join(_f(cv.get(k), '{:.2f}') for k in ks) + " |")
     lines += ["", "## Plots", "", f"![decode tokens/s per configuration]({FILES['tokens']})", "",
               f"![speedup vs perplexity cost, one point per recipe]({FILES['speedup']})", "",
               f"![acceptance per drafter]({FILES['acceptance']})", "", "## Method", "",

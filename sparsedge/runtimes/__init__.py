@@ -49,11 +49,19 @@ def _need_artifact(loaded, runtime: str):
 
 
 def _open_llamacpp(model: Any, quant: str | None = None, **opts: Any) -> Runtime:
-    from ..sources import artifact_file
+    from ..sources import artifact_file, gguf_file_type, source_gguf
     from .llamacpp import LlamaCppRuntime
 
     loaded = _loaded(model)
-    _need_artifact(loaded, "llamacpp")
+    if loaded.manifest is None:  # a model that came as a GGUF runs as it is: the user's own file
+        own = source_gguf(loaded)
+        if own is None:
+            _need_artifact(loaded, "llamacpp")
+        if quant is not None:
+            raise SparsedgeError(f"{loaded.name} runs as its own GGUF ({own.name}, {gguf_file_type(own)}); "
+                                 f"for {quant} export it first: 'sparsedge export {loaded.name} -o OUT "
+                                 f"--gguf-quant {quant}'")
+        return LlamaCppRuntime(own, **opts)
     return LlamaCppRuntime(artifact_file(loaded.path, loaded.manifest, "gguf", quant), **opts)
 
 

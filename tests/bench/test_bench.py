@@ -50,7 +50,7 @@ def test_report_files_and_plots(run):
         assert data.startswith(PNG) and len(data) > 5000, name
     md = (out / "report.md").read_text()
     for c in report["configs"]:  # one table row per configuration
-        assert f"| {c['runtime']} | {c['variant']} | {c['decode']}" in md
+        assert f"| {c['runtime']} | {c['variant']} | {c['quant'] or '-'} | {c['decode']}" in md
     assert "tokens_per_s.png" in md and "Peak memory:" in md
     assert report["errors"] == []
     # the host line names the kernels of the llama.cpp peer (its system-info line)
@@ -209,6 +209,78 @@ def test_cli_json_prints_one_report(run, tiny_model, tmp_path, capsys):
     assert [c["decode"] for c in report["configs"]] == ["greedy", "spec:ngram"]
     assert report["artifacts"]["dense"]["reused"] and report["reference"] is None
     assert report["configs"][0]["ppl"] is None and "n/a" in (tmp_path / "cli" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    """A model that came as a GGUF file, benched on two GGUF types with a draft model: the
+    Qwen pair's preset in miniature."""
+    need("llama_cpp")
+    from sparsedge import load
+    from sparsedge.export.gguf import write_gguf
+
+    d = tmp_path_factory.mktemp("own")
+    folder = save_folder("qwen2", d / "hf", init_range=0.3)
+    write_gguf(load(str(folder), progress=False), d / "own.gguf", quant="q8_0", progress=False)
+    decodes = ("greedy", f"tree:model:{folder}", f"tree:model:{folder},ngram")
+    cfg = _small(runtimes=("native", "llamacpp"), recipes=(), decodes=decodes, gguf_quant="f32,q8_0",
+                 ppl_tokens=256, prompts=2, max_new_tokens=24)
+    return bench(str(d / "own.gguf"), d / "report", cfg, progress=False), cfg, d / "report"
+
+
+def test_several_gguf_types_and_the_models_own_file(gguf_run):
+    report, cfg, out = gguf_run
+    assert report["errors"] == []
+    got = {(c["runtime"], c["quant"], c["decode"]) for c in report["configs"]}
+    spec = {d for d in cfg.decodes if d != "greedy"}
+    # the first type runs every decoding, the second dense greedy, the model's own file greedy on llama.cpp
+    assert got == ({(r, "f32", d) for r in ("native", "llamacpp") for d in cfg.decodes}
+                   | {("native", "q8_0", "greedy"), ("llamacpp", "q8_0", "greedy"), ("llamacpp", "file:Q8_0", "greedy")})
+    assert len(spec) == 2
+    by = {(c["runtime"], c["quant"], c["decode"]): c for c in report["configs"]}
+    own = by[("llamacpp", "file:Q8_0", "greedy")]
+    assert own["vs_llamacpp_file"] == 1.0 and report["artifacts"]["file"]["path"].endswith("own.gguf")
+    for q in ("f32", "q8_0"):  # speedups within a type; x llama.cpp against the same type
+        nat = by[("native", q, "greedy")]
+        assert nat["speedup"] == 1.0
+        assert nat["vs_llamacpp"] == pytest.approx(nat["decode_tok_s"] / by[("llamacpp", q, "greedy")]["decode_tok_s"])
+        assert nat["vs_llamacpp_file"] == pytest.approx(nat["decode_tok_s"] / own["decode_tok_s"])
+    # our Q8_0 of the same weights reads like the file's own Q8_0 (same quantizer, same protocol)
+    runs = {(u["runtime"], u["quant"]): u for u in report["runs"]}
+    assert runs[("llamacpp", "file:Q8_0")]["ppl"] == pytest.approx(runs[("llamacpp", "q8_0")]["ppl"], rel=1e-3)
+    md = (out / "report.md").read_text()
+    assert "× llama.cpp file" in md and "| llamacpp | dense | file:Q8_0 | greedy |" in md
+
+
+def test_target_cost_curve_and_where_a_step_goes(gguf_run):
+    report, cfg, out = gguf_run
+    for u in report["runs"]:
+        tc = u["target_cost"]
+        assert sorted(map(int, tc["curve"])) == list(range(1, 17)) and tc["curve"]["1"] == 1.0
+        assert tc["t1_ms"] > 0 and all(v > 0 for v in tc["curve"].values())
+    for c in report["configs"]:
+        if not c["drafter"]:
+            continue
+        assert c["identical"], c  # a draft model (here the target's own weights) is lossless
+        assert c["draft_forwards"] > 0 and 0.0 < c["draft_share"] < 1.0
+        assert c["draft_ms_step"] > 0 and c["verify_ms_step"] > 0
+        assert c["draft_share"] == pytest.approx(c["draft_s"] / (c["draft_s"] + c["verify_s"]), rel=0.5)
+        # one draft forward over the target's t(1): the draft is the same model, so near 1
+        assert 0.2 < c["draft_forward_vs_t1"] < 10
+    md = (out / "report.md").read_text()
+    assert "## Target cost curves" in md and "| k=16 |" in md and "draft share" in md
+
+
+def test_builtin_bench_presets_and_gguf_types():
+    cfg = BenchConfig.for_model("qwen2.5-coder-1.5b", repeats=2)
+    assert cfg.gguf_quants == ("q4_0", "q8_0") and cfg.repeats == 2
+    assert "tree:model:qwen2.5-coder-0.5b" in cfg.decodes and "tree:model:qwen2.5-coder-0.5b,ngram" in cfg.decodes
+    assert BenchConfig.for_model("qwen2.5-coder-1.5b", gguf_quant="q8_0").gguf_quants == ("q8_0",)  # given wins
+    assert BenchConfig.for_model("smollm2-135m") == BenchConfig()
+    with pytest.raises(SparsedgeError, match="unknown GGUF quant type 'q9'"):
+        BenchConfig(gguf_quant="q4_0,q9")
+    with pytest.raises(SparsedgeError, match="at least one GGUF type"):
+        BenchConfig(gguf_quant=" , ")
 
 
 def test_summarize_takes_medians_prompt_by_prompt():

@@ -50,6 +50,7 @@ class SpecStats(GenerationStats):
     accepted: int = 0  # draft tokens accepted (the target's own token per step not counted)
     draft_s: float = 0.0  # proposing, choosing and observing
     verify_s: float = 0.0  # the target's forwards, acceptance and keep()
+    draft_forwards: int = 0  # forwards of a drafter that runs a model (its share of draft_s)
     cost: dict = field(default_factory=dict)
     mode: str = ""  # the mode used: "spec" when the runtime cannot verify trees exactly
 
@@ -66,7 +67,7 @@ class SpecStats(GenerationStats):
         return {"steps": self.steps, "mean_accepted": round(self.mean_accepted, 4),
                 "acceptance_rate": round(self.acceptance_rate, 4), "drafted": self.drafted,
                 "accepted": self.accepted, "draft_s": round(self.draft_s, 4),
-                "verify_s": round(self.verify_s, 4), "cost_curve": self.cost, "mode": self.mode}
+                "verify_s": round(self.verify_s, 4), "draft_forwards": self.draft_forwards, "cost_curve": self.cost, "mode": self.mode}
 
 
 _COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -133,7 +134,7 @@ def speculative_generate(
     min_prob = cost(5) - cost(4)
     draft_fwd = 0.0  # measured draft forward time / t(1), for sequential drafters
     # ``st`` and the drafter's forward count may accumulate across calls: this call's shares
-    fw0, draft_s0 = getattr(drafter, "forwards", 0), st.draft_s
+    fw0, draft_s0, dfw0 = getattr(drafter, "forwards", 0), st.draft_s, st.draft_forwards
 
     # a runtime whose tree rows are not bit-exact with sequential decoding (onnxrt.py explains
     # when) verifies chains only, so that the output still equals plain greedy's
@@ -177,6 +178,7 @@ def speculative_generate(
         st.accepted += len(path) - 1
         st.verify_s += tc - tb
         st.draft_s += (tb - ta) + (td - tc)
+        st.draft_forwards = dfw0 + getattr(drafter, "forwards", 0) - fw0
         if drafter.sequential and t1:
             fw = getattr(drafter, "forwards", 0) - fw0
             if fw > 0:  # running mean of one draft forward in units of the target's t(1)

@@ -95,6 +95,11 @@ class Combined(Drafter):
         self.name = ",".join(d.name for d in self.drafters)
         self.sequential = any(d.sequential for d in self.drafters)
 
+    @property
+    def forwards(self) -> int:
+        """Draft-model forwards so far (what speculative_generate prices a sequential draft by)."""
+        return sum(getattr(d, "forwards", 0) for d in self.drafters)
+
     def begin(self, prompt):
         for d in self.drafters:
             d.begin(prompt)
