@@ -1,9 +1,16 @@
 """Qwen2.5-Coder-0.5B, the real qwen2 model, on every runtime that runs it, against the torch
 reference on the same weights: one artifact (F32 + Q8_0 GGUF, fp32 ONNX), the same logits from the
 native engine, ONNX Runtime and llama.cpp on a prompt, single steps and a draft tree; the same
-greedy text and held-out perplexity; lossless speculative decoding on the engines users run."""
+greedy text and held-out perplexity; lossless speculative decoding (n-gram, recycle and the 0.5B
+as draft model) on native, llama.cpp and ONNX Runtime.
+
+CI runs it on the 0.5B. The 1.5B target (28 layers, head_dim 128; 6.2 GB in fp32) runs the same
+checks with ``SPARSEDGE_QWEN=qwen2.5-coder-1.5b pytest tests/test_qwen2_real.py -s`` (the
+README gives its figures)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +25,8 @@ from needs import need
 
 pytestmark = pytest.mark.slow
 
-MODEL = "qwen2.5-coder-0.5b"
+MODEL = os.environ.get("SPARSEDGE_QWEN", "qwen2.5-coder-0.5b")
+DRAFT = "qwen2.5-coder-0.5b"  # the pair's draft model (for the 0.5B itself: its own draft, all accepted)
 TOL = 1e-3  # max abs logit difference of an fp32 runtime from the torch reference
 # the branching tree of tests/runtimes/test_torch_ref.py: two children of the root, grandchildren
 # under both, one deeper (leaves 4, 5, 7)
@@ -147,15 +155,17 @@ FLAT = CostCurve([1, 16], [1.0, 1.0])
 SPEC_PROMPTS = ("edit-rename", "code-fib", "rewrite-list")
 
 
-@pytest.mark.parametrize("runtime", ["native", "llamacpp"])
-def test_ngram_speculative_is_lossless_on_the_suite(art, runtime):
-    if runtime == "llamacpp":
-        need("llama_cpp")
+@pytest.mark.parametrize("runtime", ["native", "llamacpp", "onnxruntime"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycle", f"model:{DRAFT}"])
+def test_speculative_is_lossless_on_the_suite(art, runtime, drafter):
+    need({"llamacpp": "llama_cpp", "onnxruntime": "onnxruntime"}.get(runtime, "numpy"))
     suite = {p["id"]: p for p in prompt_suite()}
-    opts = {"threads": 2, "quant": "q8_0"}
+    # the engines users run: Q8_0 on the GGUF runtimes, fp32 ONNX (the artifact's only graph); a
+    # model drafter is exported once in the target's type and runs on the target's runtime
+    opts = {"threads": 2, "quant": "fp32" if runtime == "onnxruntime" else "q8_0"}
     rt = open_runtime(art, runtime, **opts)
-    dr = make_drafter("ngram", Target(rt, art, runtime, opts))
-    cfg = GenerationConfig(max_new_tokens=64)
+    dr = make_drafter(drafter, Target(rt, art, runtime, opts))
+    cfg = GenerationConfig(max_new_tokens=48)
     st = SpecStats()
     for name in SPEC_PROMPTS:
         prompt = encode_prompt(art.tokenizer, suite[name]["prompt"], chat=suite[name]["chat"]).tolist()
@@ -164,7 +174,8 @@ def test_ngram_speculative_is_lossless_on_the_suite(art, runtime):
         assert got == want, name
     dr.close()
     getattr(rt, "close", lambda: None)()
-    # llama.cpp verifies one chain per step (mode "spec"): its tree rows are not bit-exact with
-    # sequential decoding (llamacpp.py exact_trees)
-    print(f"{runtime} ngram ({st.mode}): {st.accepted} of {st.drafted} drafted tokens accepted in {st.steps} steps")
-    assert st.accepted > 20, st
+    # llama.cpp and ONNX Runtime verify one chain per step (mode "spec"): their tree rows are not
+    # bit-exact with sequential decoding (llamacpp.py / onnxrt.py exact_trees)
+    print(f"{runtime} {drafter} ({st.mode}): {st.accepted} of {st.drafted} drafted tokens accepted in "
+          f"{st.steps} steps")
+    assert st.accepted > 10, st  # drafts were accepted: the check exercised keep() on real paths

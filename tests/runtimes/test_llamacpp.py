@@ -251,6 +251,24 @@ def test_artifact_runs_in_llama_cpp(tmp_path):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
+def test_a_model_that_came_as_a_gguf_runs_as_it_is(tmp_path):
+    """`--runtime llamacpp` on a .gguf (or a built-in, its registry file) runs that very file; an HF
+    folder or another type asks for an export."""
+    from sparsedge import open_runtime
+
+    folder = save_folder("qwen2", tmp_path / "hf")
+    write_gguf(load(str(folder), progress=False), tmp_path / "own.gguf", quant="q8_0", progress=False)
+    with LlamaCppRuntime(tmp_path / "own.gguf", threads=2) as direct:
+        want = direct.forward(np.arange(5))
+    with open_runtime(str(tmp_path / "own.gguf"), "llamacpp", threads=2) as rt:
+        assert rt.path == tmp_path / "own.gguf"
+        np.testing.assert_array_equal(rt.forward(np.arange(5)), want)
+    with pytest.raises(SparsedgeError, match=r"runs as its own GGUF \(own.gguf, Q8_0\).*--gguf-quant q4_0"):
+        open_runtime(str(tmp_path / "own.gguf"), "llamacpp", quant="q4_0")
+    with pytest.raises(SparsedgeError, match="runs artifact folders; make one with 'sparsedge export"):
+        open_runtime(str(folder), "llamacpp")
+
+
 @pytest.mark.parametrize("arch_name", ARCHS)
 def test_q8_0_gguf_runs_in_llama_cpp(arch_name, tmp_path):
     """Our Q8_0 file of every architecture loads in llama.cpp (qwen2: F32 q/k/v biases beside Q8_0
