@@ -178,4 +178,6 @@ def test_speculative_is_lossless_on_the_suite(art, runtime, drafter):
     # bit-exact with sequential decoding (llamacpp.py / onnxrt.py exact_trees)
     print(f"{runtime} {drafter} ({st.mode}): {st.accepted} of {st.drafted} drafted tokens accepted in "
           f"{st.steps} steps")
-    assert st.accepted > 10, st  # drafts were accepted: the check exercised keep() on real paths
+    # drafts were accepted, so the check exercised keep() on real paths (measured on the 0.5B: 15
+    # to 123 accepted tokens, the fewest for recycle on llama.cpp's chains)
+    assert st.accepted > 5, st
