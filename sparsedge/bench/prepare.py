@@ -124,13 +124,12 @@ def _reusable(folder: Path, source: str, gguf: list[str], onnx: list[str], recip
             and set(onnx) <= set(m.get("onnx_quants", [])))
 
 
-def export_variant(loaded, folder: Path, runtimes: list[str], gguf_quants: tuple[str, ...] | str, onnx_quant: str,
+def export_variant(loaded, folder: Path, runtimes: list[str], gguf_quants: tuple[str, ...], onnx_quant: str,
                    recipe=None, progress: bool = True) -> tuple[Path, bool]:
     """(artifact folder, reused?) holding the formats the runtimes need."""
     from ..export.artifact import ExportConfig, export
 
-    qs = (gguf_quants,) if isinstance(gguf_quants, str) else tuple(gguf_quants)
-    gguf = list(qs) if set(runtimes) & {"native", "llamacpp", "torch"} else []
+    gguf = list(gguf_quants) if set(runtimes) & {"native", "llamacpp", "torch"} else []
     onnx = [onnx_quant] if "onnxruntime" in runtimes else []
     if _reusable(folder, loaded.name, gguf, onnx, recipe):
         return folder, True

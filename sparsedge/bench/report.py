@@ -71,7 +71,7 @@ def assemble(model: str, cfg, results: list[dict], plan, notes: list[str], promp
                             "draft_forward_vs_t1": (1e3 * d["draft_s"] / fw / t1) if fw and t1 else None,
                             "repeats": [r["decode_tok_s"] for r in d["repeats"]], "host_gbps": host_gbps})
     base = {(c["runtime"], c["variant"], c["quant"]): c["decode_tok_s"] for c in configs if c["decode"] == "greedy"}
-    main_q = cfg.gguf_quants[0] if hasattr(cfg, "gguf_quants") else None
+    main_q = cfg.gguf_quants[0]
     own = next((k for k in base if k[0] == "llamacpp" and str(k[2]).startswith("file:")), None)
     for c in configs:
         dense = base.get((c["runtime"], "dense", c["quant"]))
@@ -151,7 +151,7 @@ def markdown(r: dict) -> str:
     if ref:
         lines += [f"Reference: the dense model on the torch runtime (fp32), perplexity {ref['ppl']:.4f} over "
                   f"{ref['eval_tokens']} tokens of {ref['corpus']} (hash {ref['corpus_hash']}).", ""]
-    own = next((c for c in r["configs"] if str(c.get("quant")).startswith("file:")), None)
+    own = any(c.get("vs_llamacpp_file") is not None for c in r["configs"])  # llama.cpp ran the model's own file
     lines += ["## Speed", "",
               "Decode tok/s: tokens after the first over the time after the first; prefill tok/s: prompt tokens "
               "over the time to the first token (TTFT, per prompt). Type: the GGUF / ONNX type run (file:TYPE: "

@@ -178,11 +178,10 @@ def speculative_generate(
         st.accepted += len(path) - 1
         st.verify_s += tc - tb
         st.draft_s += (tb - ta) + (td - tc)
-        st.draft_forwards = dfw0 + getattr(drafter, "forwards", 0) - fw0
-        if drafter.sequential and t1:
-            fw = getattr(drafter, "forwards", 0) - fw0
-            if fw > 0:  # running mean of one draft forward in units of the target's t(1)
-                draft_fwd = ((st.draft_s - draft_s0) / fw) / t1
+        fw = getattr(drafter, "forwards", 0) - fw0  # this call's draft-model forwards so far
+        st.draft_forwards = dfw0 + fw
+        if drafter.sequential and t1 and fw > 0:  # running mean of one draft forward in units of t(1)
+            draft_fwd = ((st.draft_s - draft_s0) / fw) / t1
         for t in [int(v.tokens[r]) for r in path[1:]] + [nxt]:
             context.append(t)
             done = emit(t)
